@@ -1,0 +1,63 @@
+"""nbmplock: a resumable parallel map for Jupyter.
+
+Run a function over a list of string items on every core; every finished item
+is recorded in a run directory, so after a crash, a kernel restart or a Stop
+the next run continues exactly where the last one left off.
+
+>>> import nbmplock                                                   # doctest: +SKIP
+>>> job = nbmplock.run(items, process, "runs/embed", num_procs=4)     # doctest: +SKIP
+>>> job        # the live panel: progress, failures, output, Start/Stop/Resume
+
+The seed library's API is kept: ``mp_lock``, ``mp_lock_value`` (alias
+``mp_lock_values``), ``mp_lock_batch`` and ``is_mp_lock_completed``.
+
+``import nbmplock`` imports neither ipywidgets nor IPython; the panel and the
+``%%mplock`` magic load on first use (``%load_ext nbmplock``).
+"""
+
+from __future__ import annotations
+
+from ._errors import (InvalidArgumentsError, ItemTimeoutError, JobStateError,
+                      MissingDependencyError, NbmplockError, RemoteTraceback, RunLockedError,
+                      SerializationError, StoreCorruptError, WorkerDiedError, WorkerInitError)
+from ._job import Event, Job, JobState, Progress, RunSummary, run
+from ._seed import is_mp_lock_completed, mp_lock, mp_lock_batch, mp_lock_value, mp_lock_values
+from ._store import Failure, Snapshot, read_snapshot
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Event",
+    "Failure",
+    "InvalidArgumentsError",
+    "ItemTimeoutError",
+    "Job",
+    "JobState",
+    "JobStateError",
+    "MissingDependencyError",
+    "NbmplockError",
+    "Progress",
+    "RemoteTraceback",
+    "RunLockedError",
+    "RunSummary",
+    "SerializationError",
+    "Snapshot",
+    "StoreCorruptError",
+    "WorkerDiedError",
+    "WorkerInitError",
+    "is_mp_lock_completed",
+    "load_ipython_extension",
+    "mp_lock",
+    "mp_lock_batch",
+    "mp_lock_value",
+    "mp_lock_values",
+    "read_snapshot",
+    "run",
+]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext nbmplock``: register the ``%%mplock`` cell magic."""
+    from ._magic import load_ipython_extension as load
+
+    load(ipython)

@@ -1,0 +1,133 @@
+"""What a backend is: the interface the runner drives, and the events it returns.
+
+A backend runs chunks of items somewhere (local processes, a Dask cluster) and
+reports back through :meth:`Backend.wait`. It never touches the run store and
+never calls user callbacks other than ``process`` and ``init_function``; the
+runner does all of that in one thread.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(eq=False)
+class Chunk:
+    """Items sent to one worker together."""
+
+    id: int
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class WorkPayload:
+    """What every worker needs once: the functions and ``shared_data``."""
+
+    process: Any
+    init_function: Any
+    shared_data: Any
+    batch_size: int | None
+    want_results: bool
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    chunk: Chunk
+    n_run: int
+    results: list | None
+    failures: list  # (pos, count, exc_type, message, tb, exc_bytes, seconds, kind)
+    seconds: float
+    worker: str
+
+
+@dataclass(frozen=True)
+class ChunksLost:
+    """A worker died or was killed holding ``chunks``.
+
+    ``blame`` is ``(chunk, pos)`` for the unit of work that was running (it
+    fails); every other item of the chunks simply goes back to the queue.
+    """
+
+    chunks: list[Chunk]
+    blame: tuple[Chunk, int] | None
+    kind: str  # "died", "timeout", "killed" (by a forced stop)
+    message: str
+    worker: str
+    pid: int | None = None
+    exitcode: int | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkerOutput:
+    worker: str
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InitFailed:
+    exc_type: str
+    message: str
+    traceback: str
+    exc_bytes: bytes | None
+    worker: str
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The backend cannot go on (workers keep dying at start, cluster gone)."""
+
+    error: BaseException
+
+
+class Backend(Protocol):
+    """Implemented by :class:`nbmplock._engine.LocalBackend` and the Dask backend."""
+
+    workers: int
+
+    def start(self) -> None:
+        """Start the workers; they initialise in the background."""
+
+    def free_slots(self) -> int:
+        """How many chunks :meth:`submit` accepts now without queueing deep."""
+
+    def submit(self, chunk: Chunk) -> None:
+        """Send a chunk to a worker."""
+
+    def wait(self, timeout: float | None) -> list:
+        """Block until something happens or ``timeout``; return the events."""
+
+    def wakeup(self) -> None:
+        """Thread-safe: make a blocked :meth:`wait` return now."""
+
+    def request_stop(self) -> None:
+        """Graceful: every worker returns after the item it is running."""
+
+    def kill(self) -> list:
+        """Forced: end every worker now; returns ``ChunksLost`` events."""
+
+    def shutdown(self) -> None:
+        """End every worker and release resources; nothing outlives this."""
+
+    def in_flight(self) -> dict[str, int]:
+        """Items held per worker label."""
+
+
+def make_backend_factory(options):
+    """A function ``(payload, store) -> Backend`` for ``options.backend``."""
+    if options.backend is None:
+        def local(payload: WorkPayload, store):
+            from ._engine import LocalBackend
+            return LocalBackend(payload, workers=options.num_procs or os.cpu_count() or 1,
+                                start_method=options.start_method,
+                                item_timeout=options.item_timeout,
+                                close_fds=store.private_fds())
+        return local
+
+    def dask(payload: WorkPayload, store):
+        from ._dask import DaskBackend
+        return DaskBackend(payload, options.backend, workers=options.num_procs,
+                           item_timeout=options.item_timeout)
+    return dask

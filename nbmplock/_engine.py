@@ -1,0 +1,343 @@
+"""The local backend: worker processes on this machine, without ``Pool``.
+
+``multiprocess.Pool`` (like the stdlib one) waits forever for a task whose
+worker was killed. Here every worker has its own duplex pipe, an output pipe
+and a process sentinel, and :meth:`LocalBackend.wait` waits on all of them at
+once (plus a wakeup pipe for other threads), as ``concurrent.futures`` does:
+a dead worker is seen the moment it dies, and the exact item it was running is
+read from the worker's shared ``slot``. A replacement worker is started (its
+``init_function`` runs again).
+
+Each worker holds at most :data:`PREFETCH` chunks (one running, one queued), so
+memory is bounded whatever the length of the item list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import dill
+import multiprocess
+from multiprocess.connection import wait as mp_wait
+
+from . import _worker
+from ._backend import (Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput,
+                       WorkPayload)
+from ._errors import SerializationError, WorkerDiedError
+
+log = logging.getLogger("nbmplock")
+
+PREFETCH = 2
+MAX_START_DEATHS = 3
+_SHUTDOWN_GRACE = 2.0
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Words for a worker's exit status, with a hint at the likely cause."""
+    if exitcode is None:
+        return "the worker vanished"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = {
+            "SIGKILL": " (possibly out of memory: the kernel's OOM killer sends SIGKILL)",
+            "SIGSEGV": " (segmentation fault in native code)",
+            "SIGBUS": " (bus error in native code)",
+            "SIGABRT": " (aborted by native code)",
+            "SIGTERM": " (terminated by another process)",
+        }.get(name, "")
+        return f"the worker was killed by {name}{hint}"
+    return f"the worker exited with code {exitcode} (os._exit or sys.exit in process?)"
+
+
+def serialize_payload(payload: tuple) -> bytes:
+    """dill with ``recurse=True``: notebook functions travel with their globals."""
+    try:
+        return dill.dumps(payload, recurse=True)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot send process/init_function/shared_data to spawned workers: "
+            f"{type(exc).__name__}: {exc}. Under start_method='spawn' or 'forkserver' "
+            "everything they use must be picklable by dill; create unpicklable objects "
+            "(models, sessions, locks, open files) in init_function instead of passing "
+            "them in shared_data or capturing them, or use start_method='fork'."
+        ) from exc
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    process: object
+    conn: object
+    out: object
+    slot: object
+    chunks: deque = field(default_factory=deque)
+    ready: bool = False
+    partial: bytes = b""
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def label(self) -> str:
+        return f"w{self.index}"
+
+
+class LocalBackend:
+    """Worker processes on this machine, driven by the runner's thread."""
+
+    def __init__(self, payload: WorkPayload, *, workers: int, start_method: str | None,
+                 item_timeout: float | None, close_fds: list[int]):
+        self.workers = workers
+        self._ctx = multiprocess.get_context(start_method)
+        self._fork = self._ctx.get_start_method() == "fork"
+        args = (payload.process, payload.init_function, payload.shared_data,
+                payload.batch_size)
+        self._payload = args if self._fork else serialize_payload(args)
+        self._want_results = payload.want_results
+        self._timeout = item_timeout
+        self._close_fds = close_fds if self._fork else []
+        self._stop_flag = self._ctx.RawValue("i", 0)
+        self._workers: dict[int, _Worker] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._start_deaths = 0
+        self._stopping = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        for index in range(self.workers):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        out_r, out_w = self._ctx.Pipe(duplex=False)
+        slot = self._ctx.RawArray("d", [0.0, -1.0, 0.0])
+        proc = self._ctx.Process(
+            target=_worker.main, name=f"nbmplock-w{index}", daemon=True,
+            args=(child_conn, out_w, self._payload, slot, self._stop_flag,
+                  self._close_fds, self._want_results))
+        proc.start()
+        child_conn.close()
+        out_w.close()
+        os.set_blocking(out_r.fileno(), False)
+        self._workers[index] = _Worker(index, proc, parent_conn, out_r, slot)
+
+    def free_slots(self) -> int:
+        if self._stopping:
+            return 0
+        return sum(PREFETCH - len(w.chunks) for w in self._workers.values() if w.ready)
+
+    def submit(self, chunk: Chunk) -> None:
+        worker = min((w for w in self._workers.values() if w.ready and len(w.chunks) < PREFETCH),
+                     key=lambda w: len(w.chunks))
+        worker.chunks.append(chunk)
+        worker.conn.send_bytes(_worker.dumps((chunk.id, chunk.items)))
+
+    def in_flight(self) -> dict[str, int]:
+        return {w.label: sum(len(c.items) for c in w.chunks) for w in self._workers.values()}
+
+    def wakeup(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        self._stop_flag.value = 1
+
+    # -- waiting ---------------------------------------------------------
+    def _timeout_in(self, now: float) -> float | None:
+        if self._timeout is None:
+            return None
+        due = [w.slot[2] + self._timeout - now for w in self._workers.values()
+               if w.chunks and w.slot[1] >= 0]
+        return max(0.0, min(due)) if due else None
+
+    def wait(self, timeout: float | None) -> list:
+        deadline = self._timeout_in(time.monotonic())
+        if deadline is not None:
+            timeout = deadline if timeout is None else min(timeout, deadline)
+        handles: dict = {self._wake_r: None}
+        for w in self._workers.values():
+            handles[w.conn] = w
+            handles[w.out] = w
+            handles[w.process.sentinel] = w
+        ready = mp_wait(list(handles), timeout)
+        events: list = []
+        dead = []
+        for handle in ready:
+            worker = handles[handle]
+            if worker is None:
+                _drain_fd(self._wake_r)
+            elif handle is worker.out:
+                self._read_output(worker, events)
+            elif handle is worker.conn:
+                self._read_messages(worker, events)
+            elif worker not in dead:
+                dead.append(worker)
+        for worker in dead:
+            self._lost(worker, events, kind="died")
+        if self._timeout is not None:
+            self._check_timeouts(events)
+        return events
+
+    def _read_messages(self, worker: _Worker, events: list) -> None:
+        try:
+            while worker.conn.poll():
+                msg = pickle.loads(worker.conn.recv_bytes())
+                self._handle(worker, msg, events)
+        except (EOFError, OSError):
+            pass  # the sentinel reports the death
+
+    def _handle(self, worker: _Worker, msg: tuple, events: list) -> None:
+        kind = msg[0]
+        if kind == "chunk":
+            _, chunk_id, n_run, results, failures, seconds = msg
+            chunk = worker.chunks.popleft()
+            assert chunk.id == chunk_id, (chunk.id, chunk_id)
+            events.append(ChunkDone(chunk, n_run, results, failures, seconds, worker.label))
+        elif kind == "ready":
+            worker.ready = True
+            self._start_deaths = 0
+        elif kind == "init_error":
+            _, exc_type, message, tb, exc_bytes = msg
+            events.append(InitFailed(exc_type, message, tb, exc_bytes, worker.label))
+
+    def _read_output(self, worker: _Worker, events: list, final: bool = False) -> None:
+        data = _drain_fd(worker.out.fileno())
+        if not data and not (final and worker.partial):
+            return
+        text = worker.partial + data
+        lines = text.split(b"\n")
+        worker.partial = lines.pop()
+        if final and worker.partial:
+            lines.append(worker.partial)
+            worker.partial = b""
+        if lines:
+            events.append(WorkerOutput(worker.label,
+                                       [line.decode("utf-8", "replace") for line in lines]))
+
+    # -- losing workers --------------------------------------------------
+    def _lost(self, worker: _Worker, events: list, *, kind: str, message: str | None = None) -> None:
+        """Account for a dead (or killed) worker and start its replacement."""
+        self._read_messages(worker, events)
+        self._read_output(worker, events, final=True)
+        worker.process.join(5)
+        exitcode = worker.process.exitcode
+        blame = None
+        seconds = None
+        if worker.chunks and worker.slot[1] >= 0 and int(worker.slot[0]) == worker.chunks[0].id:
+            blame = (worker.chunks[0], int(worker.slot[1]))
+            seconds = time.monotonic() - worker.slot[2]
+        pid = worker.process.pid
+        self._close_worker(worker)
+        del self._workers[worker.index]
+        if message is None:
+            message = describe_exit(exitcode)
+        if worker.chunks or kind != "died":
+            events.append(ChunksLost(list(worker.chunks), blame, kind, message, worker.label,
+                                     pid, exitcode, seconds))
+        if not worker.ready and kind == "died":
+            self._start_deaths += 1
+            if self._start_deaths >= MAX_START_DEATHS:
+                events.append(Fatal(WorkerDiedError(
+                    f"workers keep dying before they are ready: {message}. "
+                    "Is init_function crashing the process?", exitcode=exitcode)))
+                self._stopping = True
+                return
+        if kind == "died" and not self._stopping and not self._closed:
+            log.warning("worker %s (pid %s) died: %s; starting a replacement",
+                        worker.label, pid, message)
+        if not self._stopping and not self._closed:
+            self._spawn(worker.index)
+
+    def _check_timeouts(self, events: list) -> None:
+        now = time.monotonic()
+        for worker in list(self._workers.values()):
+            if (worker.chunks and worker.slot[1] >= 0
+                    and int(worker.slot[0]) == worker.chunks[0].id
+                    and now - worker.slot[2] > self._timeout):
+                _kill(worker.process)
+                self._lost(worker, events, kind="timeout",
+                           message=f"the item ran longer than item_timeout={self._timeout:g} s; "
+                                   "its worker was killed and replaced")
+
+    def kill(self) -> list:
+        """Forced stop: SIGKILL every worker; their chunks come back as lost."""
+        self._stopping = True
+        events: list = []
+        for worker in list(self._workers.values()):
+            _kill(worker.process)
+        for worker in list(self._workers.values()):
+            self._lost(worker, events, kind="killed", message="stopped by force")
+        return events
+
+    def shutdown(self) -> None:
+        """Ask idle workers to exit, then kill what is left; close every pipe."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        workers = list(self._workers.values())
+        for worker in workers:
+            try:
+                worker.conn.send_bytes(b"")
+            except OSError:
+                pass
+        deadline = time.monotonic() + _SHUTDOWN_GRACE
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.exitcode is None:
+                _kill(worker.process)
+                worker.process.join(5)
+            self._close_worker(worker)
+        self._workers.clear()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _close_worker(self, worker: _Worker) -> None:
+        for handle in (worker.conn, worker.out):
+            try:
+                handle.close()
+            except OSError:
+                pass
+        try:
+            worker.process.close()
+        except ValueError:
+            pass
+
+
+def _kill(process) -> None:
+    try:
+        process.kill()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _drain_fd(fd: int) -> bytes:
+    parts = []
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            break
+        except OSError:
+            break
+        if not data:
+            break
+        parts.append(data)
+    return b"".join(parts)
+

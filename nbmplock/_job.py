@@ -1,0 +1,436 @@
+"""``Job``: one resumable parallel map you can start, stop, resume and watch.
+
+A Job runs its runner in a background thread so that the notebook cell that
+started it returns at once and the kernel stays free for button clicks. Its
+state is an explicit :class:`JobState`; every method checks it and says why a
+call is not allowed. Views (the panel, the tqdm bar, tests) subscribe with
+:meth:`Job.subscribe` and receive :class:`Event` objects, at most about ten
+per second whatever the item rate; they are called without any lock held.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import JobStateError
+from ._runner import Counters, Runner
+from ._store import Failure, read_contents, read_snapshot
+from ._validate import Spec, make_options, make_spec
+
+log = logging.getLogger("nbmplock")
+
+OUTPUT_TAIL = 500
+_RATE_WINDOW = 10.0
+
+
+class JobState(enum.Enum):
+    """Where a Job is. ``RUNNING -> STOPPING -> STOPPED`` on a Stop."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.RUNNING, JobState.STOPPING)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot of a Job's numbers; safe to keep and compare."""
+
+    total: int
+    done: int
+    done_before: int
+    failed: int
+    in_flight: int
+    in_flight_by_worker: tuple[tuple[str, int], ...]
+    rate: float
+    elapsed: float
+    eta: float | None
+    state: JobState
+
+    @property
+    def done_now(self) -> int:
+        """Items finished by the current (or last) run."""
+        return self.done - self.done_before
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.done)
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+@dataclass(frozen=True)
+class Event:
+    """What observers receive. ``kind`` is ``"progress"`` or ``"state"``."""
+
+    kind: str
+    progress: Progress
+    output: tuple[str, ...] = ()
+    failures: tuple[Failure, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What ``mp_lock`` returns: how the run went."""
+
+    done: int
+    failed: int
+    skipped: int
+    elapsed: float
+    failures: tuple[Failure, ...]
+    out_path: str
+    state: JobState
+
+    def __str__(self) -> str:
+        text = (f"{self.done} done, {self.skipped} already done before, {self.failed} failed "
+                f"in {self.elapsed:.1f} s ({self.state.value}; run directory {self.out_path!r})")
+        return text
+
+
+_ALLOWED = {
+    "start": (JobState.IDLE,),
+    "resume": (JobState.IDLE, JobState.STOPPED, JobState.FAILED, JobState.FINISHED),
+    "retry_failed": (JobState.IDLE, JobState.STOPPED, JobState.FAILED, JobState.FINISHED),
+    "stop": (JobState.RUNNING, JobState.STOPPING),
+}
+_WHY = {
+    JobState.RUNNING: "it is running; stop() it first or wait()",
+    JobState.STOPPING: "it is stopping; wait() for it",
+    JobState.STOPPED: "it was stopped; use resume()",
+    JobState.FINISHED: "it has finished; use resume() to run items not done, or retry_failed()",
+    JobState.FAILED: "it failed; use resume()",
+    JobState.IDLE: "it has not been started; use start()",
+}
+
+_live: dict[str, weakref.ReferenceType] = {}
+_live_lock = threading.Lock()
+
+
+def live_job(out_path: str) -> Job | None:
+    """The Job of this process currently running on ``out_path``, if any."""
+    with _live_lock:
+        ref = _live.get(os.path.realpath(out_path))
+    job = ref() if ref is not None else None
+    return job if job is not None and job.state.active else None
+
+
+class Job:
+    """A resumable parallel map over ``data_list``, recorded in ``out_path``.
+
+    Parameters are those of :func:`nbmplock.mp_lock` (keyword-only after
+    ``out_path``), plus ``batch_size`` (``process`` then receives lists of
+    items) and ``keep_results`` (store results so :meth:`results` can return
+    them; by default only when there is no ``save_callback``). ``errors``
+    defaults to ``"record"``: one bad item does not end a long run.
+
+    Examples
+    --------
+    >>> job = Job(paths, resize, "runs/resize", num_procs=4)   # doctest: +SKIP
+    >>> job.start(); job.wait(); job.progress.done               # doctest: +SKIP
+    """
+
+    def __init__(self, data_list: Sequence[str], process: Callable, out_path: str, *,
+                 save_callback: Callable | None = None, num_procs: int | None = None,
+                 save_batch: int = 10, shared_data: Any = None,
+                 init_function: Callable | None = None, batch_size: int | None = None,
+                 errors: str = "record", max_retries: int = 0,
+                 item_timeout: float | None = None, chunk_size: int | None = None,
+                 start_method: str | None = None, backend: Any = None,
+                 keep_results: bool | None = None):
+        if keep_results is None:
+            keep_results = save_callback is None
+        options = make_options(num_procs=num_procs, save_batch=save_batch,
+                               batch_size=batch_size, errors=errors, max_retries=max_retries,
+                               item_timeout=item_timeout, chunk_size=chunk_size,
+                               start_method=start_method, keep_results=keep_results,
+                               backend=backend)
+        self.spec: Spec = make_spec(data_list, process, out_path, save_callback=save_callback,
+                                    shared_data=shared_data, init_function=init_function,
+                                    options=options)
+        self.out_path = self.spec.out_path
+        self._lock = threading.RLock()
+        self._state = JobState.IDLE
+        self._observers: list[Callable[[Event], None]] = []
+        self._runner: Runner | None = None
+        self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
+        self._finished.set()
+        self.error: BaseException | None = None
+        self.fingerprint_changes: list[str] = []
+        self.output: deque[str] = deque(maxlen=OUTPUT_TAIL)
+        self._rate_samples: deque = deque()
+        self._elapsed_before = 0.0
+        self.reattached = False
+        self._stored = self._read_stored()
+
+    # -- what the disk says before anything runs -------------------------
+    def _read_stored(self) -> Counters:
+        """Counters from the run directory: shown before a start, after a restart."""
+        counters = Counters()
+        unique = set(self.spec.items)
+        counters.total = len(unique)
+        if os.path.isdir(self.out_path):
+            contents = read_contents(self.out_path)
+            counters.done_before = len(unique.intersection(contents.done))
+            counters.failed = sum(1 for k in contents.failures if k in unique)
+            self._stored_failures = tuple(sorted(contents.failures.values(),
+                                                 key=lambda f: f.time))
+        else:
+            self._stored_failures = ()
+        return counters
+
+    # -- state -----------------------------------------------------------
+    @property
+    def state(self) -> JobState:
+        return self._state
+
+    def _check(self, action: str) -> None:
+        if self._state not in _ALLOWED[action]:
+            raise JobStateError(f"cannot {action}() this job: {_WHY[self._state]}")
+
+    def _set_state(self, state: JobState) -> None:
+        with self._lock:
+            self._state = state
+        self._emit(Event("state", self.progress))
+
+    # -- control ---------------------------------------------------------
+    def start(self) -> Job:
+        """Start processing in a background thread; returns at once."""
+        with self._lock:
+            self._check("start")
+            self._launch("all")
+        return self
+
+    def resume(self) -> Job:
+        """Run every item not recorded done (failed ones included) again."""
+        with self._lock:
+            self._check("resume")
+            self._launch("all")
+        return self
+
+    def retry_failed(self) -> Job:
+        """Run only the items recorded failed."""
+        with self._lock:
+            self._check("retry_failed")
+            self._launch("failed")
+        return self
+
+    def stop(self, force: bool = False) -> Job:
+        """Stop: by default workers finish their current item, which is recorded.
+
+        ``force=True`` kills the workers at once; their items stay not done.
+        Returns at once; :meth:`wait` for the stop to complete.
+        """
+        with self._lock:
+            self._check("stop")
+            runner = self._runner
+            self._state = JobState.STOPPING
+        if runner is not None:
+            runner.request_stop(force=force)
+        self._emit(Event("state", self.progress))
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run ends (or ``timeout``); True when it has ended."""
+        return self._finished.wait(timeout)
+
+    def _launch(self, mode: str) -> None:
+        existing = live_job(self.out_path)
+        if existing is not None and existing is not self:
+            from ._errors import RunLockedError
+            raise RunLockedError(self.out_path, os.getpid(),
+                                 " (another Job in this process; nbmplock.run() returns it)")
+        from ._backend import make_backend_factory
+        runner = Runner(self.spec, mode=mode, listener=self._on_runner,
+                        backend_factory=make_backend_factory(self.spec.options))
+        runner.prepare()  # raises here, in the caller, for a locked or unwritable out_path
+        self.fingerprint_changes = runner.fingerprint_changes
+        self.error = None
+        self._runner = runner
+        self._rate_samples.clear()
+        self._finished.clear()
+        self._state = JobState.RUNNING
+        with _live_lock:
+            _live[os.path.realpath(self.out_path)] = weakref.ref(self)
+        self._thread = threading.Thread(target=self._run, args=(runner,),
+                                        name=f"nbmplock-{os.path.basename(self.out_path)}",
+                                        daemon=True)
+        self._thread.start()
+        self._emit(Event("state", self.progress))
+
+    def _run(self, runner: Runner) -> None:
+        try:
+            outcome = runner.run()
+            self.error = outcome.error
+            state = {"finished": JobState.FINISHED, "stopped": JobState.STOPPED,
+                     "failed": JobState.FAILED}[outcome.status]
+        except BaseException as exc:  # noqa: BLE001 - a bug must not leave the job RUNNING
+            log.exception("nbmplock: the run ended with an internal error")
+            self.error = exc
+            state = JobState.FAILED
+        self._elapsed_before = time.monotonic() - runner.counters.started
+        self._stored_failures = tuple(sorted(runner.store.contents.failures.values(),
+                                             key=lambda f: f.time))
+        with self._lock:
+            self._state = state
+        self._finished.set()
+        self._emit(Event("state", self.progress))
+
+    # -- observing -------------------------------------------------------
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` on every change; returns an unsubscribe function.
+
+        Called from the job's thread, at most about 10 times per second.
+        """
+        with self._lock:
+            self._observers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._observers:
+                    self._observers.remove(callback)
+        return unsubscribe
+
+    def _emit(self, event: Event) -> None:
+        with self._lock:
+            observers = list(self._observers)
+        for callback in observers:
+            try:
+                callback(event)
+            except Exception:  # noqa: BLE001 - a broken view must not break the run
+                log.exception("nbmplock: an observer of the job raised")
+
+    def _on_runner(self, counters: Counters, output: list, failures: list) -> None:
+        self.output.extend(output)
+        self._emit(Event("progress", self.progress, tuple(output), tuple(failures)))
+
+    # -- numbers ---------------------------------------------------------
+    @property
+    def progress(self) -> Progress:
+        runner = self._runner
+        c = runner.counters if runner is not None else self._stored
+        state = self._state
+        now = time.monotonic()
+        done = c.done_before + c.done
+        if runner is not None and state.active:
+            elapsed = now - c.started
+            samples = self._rate_samples
+            samples.append((now, c.done))
+            while len(samples) > 2 and now - samples[0][0] > _RATE_WINDOW:
+                samples.popleft()
+            t0, d0 = samples[0]
+            rate = (c.done - d0) / (now - t0) if now - t0 > 0.5 else (
+                c.done / elapsed if elapsed > 0 else 0.0)
+        else:
+            elapsed = self._elapsed_before
+            rate = c.done / elapsed if elapsed > 0 else 0.0
+        remaining = max(0, c.total - done - (c.failed if not state.active else 0))
+        eta = remaining / rate if rate > 0 and state.active else None
+        return Progress(c.total, done, c.done_before, c.failed, c.in_flight,
+                        tuple(sorted(c.in_flight_by_worker.items())), rate, elapsed, eta, state)
+
+    @property
+    def failures(self) -> tuple[Failure, ...]:
+        """Items recorded failed (latest attempt each), oldest first."""
+        runner = self._runner
+        if runner is not None and self._state.active and runner.store is not None:
+            return tuple(sorted(runner.store.contents.failures.values(), key=lambda f: f.time))
+        return self._stored_failures
+
+    @property
+    def summary(self) -> RunSummary:
+        p = self.progress
+        return RunSummary(done=p.done_now, failed=p.failed, skipped=p.done_before,
+                          elapsed=p.elapsed, failures=self.failures, out_path=self.out_path,
+                          state=p.state)
+
+    def results(self) -> list:
+        """Results in ``data_list`` order (None for items not done).
+
+        Available when results are kept (``keep_results``, the default without
+        a ``save_callback``), from this run and every earlier one.
+        """
+        if not self.spec.options.keep_results:
+            raise JobStateError("this job does not keep results (it has a save_callback); "
+                                "create it with keep_results=True to store them")
+        if self._state.active:
+            raise JobStateError(f"cannot read results(): {_WHY[self._state]}")
+        runner = self._runner
+        if runner is not None and runner.store is not None and runner.store.contents.results is not None:
+            stored = runner.store.contents.results
+        else:
+            stored = read_contents(self.out_path, results=True).results
+        get = stored.get
+        return [get(item) for item in self.spec.items]
+
+    # -- display ---------------------------------------------------------
+    def status_text(self) -> str:
+        """One paragraph of plain text: the repr where widgets cannot render."""
+        p = self.progress
+        parts = [f"nbmplock Job on {self.out_path!r}: {p.state.value}",
+                 f"{p.done:,}/{p.total:,} done"]
+        if p.done_before:
+            parts.append(f"{p.done_before:,} in earlier runs")
+        if p.failed:
+            parts.append(f"{p.failed:,} failed")
+        if p.in_flight:
+            parts.append(f"{p.in_flight:,} in flight")
+        if p.rate:
+            parts.append(f"{p.rate:,.1f} items/s")
+        if p.eta is not None:
+            parts.append(f"ETA {p.eta:,.0f} s")
+        text = ", ".join(parts) + "."
+        if self.error is not None:
+            text += f" Error: {type(self.error).__name__}: {self.error}"
+        return text
+
+    def __repr__(self) -> str:
+        return f"<{self.status_text()}>"
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        text = self.status_text()
+        try:
+            from ._panel import Panel
+            panel = Panel(self)
+        except ImportError:
+            return {"text/plain": text}
+        bundle = panel._repr_mimebundle_(include=include, exclude=exclude) or {}
+        if isinstance(bundle, tuple):
+            bundle = bundle[0]
+        bundle = dict(bundle)
+        bundle["text/plain"] = text
+        return bundle
+
+
+def run(data_list: Sequence[str], process: Callable, out_path: str, **kwargs: Any) -> Job:
+    """Build a :class:`Job` and start it; return it (the cell's last line shows its panel).
+
+    If this process already runs a Job on ``out_path`` (the cell was run again),
+    no second run starts: that live Job is returned, and a warning says so.
+    """
+    existing = live_job(out_path) if isinstance(out_path, str) else None
+    if existing is not None:
+        log.warning("nbmplock: a run on %r is already going in this kernel; showing it "
+                    "instead of starting a second one", out_path)
+        existing.reattached = True
+        return existing
+    job = Job(data_list, process, out_path, **kwargs)
+    job.start()
+    return job

@@ -1,0 +1,472 @@
+"""The manager: one thread that owns a run from start to end.
+
+It opens the run store, decides what is left to do, hands chunks to a backend
+(local processes or Dask), and for every result that comes back calls the
+user's ``save_callback``, writes the done records, re-queues or records
+failures, and tells its listener (the Job) what changed, at most every
+:data:`PUBLISH_INTERVAL` seconds. Nothing else writes the store or calls
+``save_callback``, so neither is ever used concurrently.
+
+Other threads talk to it only through :meth:`Runner.request_stop`, which sets
+a field and wakes the backend's wait.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import logging
+import marshal
+import pickle
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+from ._backend import Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput, WorkPayload
+from ._errors import (ItemTimeoutError, RemoteTraceback, SerializationError, WorkerDiedError,
+                      WorkerInitError, add_note)
+from ._store import Failure, Fingerprint, RunStore, read_fingerprint
+from ._validate import Spec
+
+log = logging.getLogger("nbmplock")
+
+PUBLISH_INTERVAL = 0.1
+TARGET_CHUNK_SECONDS = 0.05
+MAX_CHUNK_ITEMS = 10_000
+MAX_CHUNK_BYTES = 4 << 20
+_EMA = 0.5
+
+
+@dataclass
+class Counters:
+    """Live numbers of one run, written only by the manager thread."""
+
+    total: int = 0
+    done_before: int = 0
+    done: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    to_do: int = 0
+    started: float = field(default_factory=time.monotonic)
+    in_flight_by_worker: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "finished", "stopped", "failed"
+    error: BaseException | None = None
+
+
+def function_identity(fn: Callable) -> tuple[str, str]:
+    """A name and a hash of the source (or bytecode) of ``fn``."""
+    target = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not (inspect.isfunction(target) or inspect.ismethod(target)) and callable(target):
+        target = getattr(type(target), "__call__", target)
+    name = getattr(target, "__qualname__", None) or repr(target)
+    try:
+        text = inspect.getsource(target).encode()
+    except (OSError, TypeError):
+        code = getattr(target, "__code__", None)
+        text = marshal.dumps(code) if code is not None else name.encode()
+    return name, hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def items_hash(items) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for start in range(0, len(items), 100_000):
+        h.update(pickle.dumps(list(items[start:start + 100_000]), protocol=4))
+    return h.hexdigest()
+
+
+class Runner:
+    """One run over a :class:`Spec`; ``prepare`` in the caller, ``run`` in a thread."""
+
+    def __init__(self, spec: Spec, *, mode: str = "all",
+                 backend_factory: Callable[[WorkPayload, RunStore], object],
+                 listener: Callable[[Counters, list, list], None] | None = None):
+        self.spec = spec
+        self.opts = spec.options
+        self.mode = mode
+        self.counters = Counters()
+        self.store: RunStore | None = None
+        self.fingerprint_changes: list[str] = []
+        self._backend_factory = backend_factory
+        self._listener = listener
+        self._backend = None
+        self._stop_request: str | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._source: Iterator[str] | None = None
+        self._retry: deque = deque()
+        self._attempts: dict = {}
+        self._per_item: float | None = None
+        self._chunk_ids = 0
+        self._dispatched = 0
+        self._bytes_cap = MAX_CHUNK_ITEMS
+        self._buf_names: list = []
+        self._buf_results: list = []
+        self._callback_broken = False
+        self._new_output: list = []
+        self._new_failures: list = []
+        self._next_publish = 0.0
+        self._dirty = True
+
+    # -- preparing (in the caller's thread) ------------------------------
+    def prepare(self) -> None:
+        """Lock the run directory and plan the work. Raises before any work starts."""
+        spec = self.spec
+        keep = self.opts.keep_results
+        fn_name, fn_hash = function_identity(spec.process)
+        fp = Fingerprint(fn_name, fn_hash, len(spec.items), items_hash(spec.items))
+        self.fingerprint_changes = fp.changes_from(read_fingerprint(spec.out_path))
+        self.store = store = RunStore.open(spec.out_path, keep_results=keep)
+        try:
+            for change in self.fingerprint_changes:
+                log.warning("%s: resuming, but %s since the last run; items recorded done "
+                            "are not run again", spec.out_path, change)
+            store.write_fingerprint(fp)
+            self._plan()
+        except BaseException:
+            store.close()
+            self.store = None
+            raise
+
+    def _plan(self) -> None:
+        items = self.spec.items
+        c = self.counters
+        done = self.store.contents.done
+        failures = self.store.contents.failures
+        unique = set(items)
+        has_dups = len(unique) != len(items)
+        c.total = len(unique)
+        c.done_before = len(unique.intersection(done)) if done else 0
+        c.failed = sum(1 for k in failures if k in unique) if failures else 0
+        only = None
+        if self.mode == "failed":
+            only = {k for k in failures if k in unique}
+            c.to_do = len(only)
+        else:
+            c.to_do = c.total - c.done_before
+        del unique
+        if not done and not has_dups and only is None:
+            self._source = iter(items)
+        else:
+            self._source = _pending(items, done, only, has_dups)
+        sample = items[:1000]
+        avg = sum(map(len, sample)) / len(sample) + 60
+        self._bytes_cap = max(1, int(MAX_CHUNK_BYTES / avg))
+
+    # -- control from other threads --------------------------------------
+    def request_stop(self, force: bool = False) -> None:
+        self._stop_request = "force" if force else (self._stop_request or "graceful")
+        backend = self._backend
+        if backend is not None:
+            backend.wakeup()
+
+    # -- the manager loop ------------------------------------------------
+    def run(self) -> Outcome:
+        store = self.store
+        assert store is not None, "prepare() first"
+        c = self.counters
+        c.started = time.monotonic()
+        try:
+            if c.to_do > 0 and not self._stop_request:
+                self._loop()
+        except BaseException as exc:  # noqa: BLE001 - becomes the outcome
+            self._error = self._error or exc
+        finally:
+            self._finish()
+        if self._error is not None:
+            return Outcome("failed", self._error)
+        if self._stop_request or (self._stopping and c.done + c.done_before < c.total):
+            return Outcome("stopped")
+        return Outcome("finished")
+
+    def _loop(self) -> None:
+        spec = self.spec
+        payload = WorkPayload(spec.process, spec.init_function, spec.shared_data,
+                              self.opts.batch_size, self._want_results())
+        self._backend = backend = self._backend_factory(payload, self.store)
+        backend.start()
+        if self._stop_request:
+            backend.wakeup()
+        c = self.counters
+        while True:
+            if self._stop_request and not self._stopping:
+                self._begin_stop()
+            if not self._stopping:
+                self._dispatch(backend)
+            if c.in_flight == 0 and (self._stopping or self._exhausted()):
+                break
+            now = time.monotonic()
+            timeout = self._publish_due(now)
+            sync_due = self.store.sync_due_in(now)
+            if sync_due is not None:
+                timeout = sync_due if timeout is None else min(timeout, sync_due)
+            for event in backend.wait(timeout):
+                self._handle(event)
+            self.store.sync()
+            self._publish()
+
+    def _want_results(self) -> bool:
+        return self.spec.save_callback is not None or self.opts.keep_results
+
+    def _exhausted(self) -> bool:
+        return not self._retry and self._source is None
+
+    def _begin_stop(self) -> None:
+        self._stopping = True
+        if self._backend is None:
+            return
+        if self._stop_request == "force":
+            for event in self._backend.kill():
+                self._handle(event)
+        else:
+            self._backend.request_stop()
+
+    # -- dispatch --------------------------------------------------------
+    def _chunk_size(self, workers: int) -> int:
+        unit = self.opts.batch_size or 1
+        if self.opts.chunk_size:
+            size = self.opts.chunk_size
+        elif self._per_item is None:
+            size = unit
+        else:
+            size = int(TARGET_CHUNK_SECONDS / max(self._per_item, 1e-7))
+            remaining = self.counters.to_do - self._dispatched
+            size = min(size, MAX_CHUNK_ITEMS, self._bytes_cap,
+                       max(unit, remaining // (2 * workers)))
+        return max(unit, size - size % unit)
+
+    def _dispatch(self, backend) -> None:
+        free = backend.free_slots()
+        while free > 0:
+            if self._retry:
+                unit = self.opts.batch_size or 1
+                items = [self._retry.popleft() for _ in range(min(unit, len(self._retry)))]
+            elif self._source is not None:
+                items = list(islice(self._source, self._chunk_size(backend.workers)))
+                if not items:
+                    self._source = None
+                    continue
+                self._dispatched += len(items)
+            else:
+                return
+            self._chunk_ids += 1
+            backend.submit(Chunk(self._chunk_ids, items))
+            self.counters.in_flight += len(items)
+            free -= 1
+            self._dirty = True
+
+    # -- events ----------------------------------------------------------
+    def _handle(self, event) -> None:
+        if isinstance(event, ChunkDone):
+            self._chunk_done(event)
+        elif isinstance(event, WorkerOutput):
+            prefixed = [f"[{event.worker}] {line}" for line in event.lines]
+            self.store.append_output(("\n".join(prefixed) + "\n").encode("utf-8", "replace"))
+            self._new_output.extend(prefixed)
+            self._dirty = True
+        elif isinstance(event, ChunksLost):
+            self._chunks_lost(event)
+        elif isinstance(event, InitFailed):
+            cause = _rebuild(event.exc_type, event.message, event.traceback, event.exc_bytes)
+            error = WorkerInitError(f"init_function raised in worker {event.worker}: "
+                                    f"{event.exc_type}: {event.message}")
+            error.__cause__ = cause
+            self._fail_run(error)
+        elif isinstance(event, Fatal):
+            self._fail_run(event.error)
+
+    def _fail_run(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if not self._stopping:
+            self._begin_stop()
+
+    def _chunk_done(self, ev: ChunkDone) -> None:
+        items = ev.chunk.items
+        self.counters.in_flight -= len(items)
+        if ev.n_run:
+            per_item = ev.seconds / ev.n_run
+            self._per_item = per_item if self._per_item is None else (
+                _EMA * per_item + (1 - _EMA) * self._per_item)
+        results = ev.results
+        if not ev.failures:
+            names = items[:ev.n_run] if ev.n_run < len(items) else items
+            if results is not None and len(results) != len(names):
+                results = results[:len(names)]
+            self._deliver(names, results)
+        else:
+            bad: dict = {}
+            for f in ev.failures:
+                for pos in range(f[0], f[0] + f[1]):
+                    bad[pos] = f
+            keep = [i for i in range(ev.n_run) if i not in bad]
+            self._deliver([items[i] for i in keep],
+                          None if results is None else [results[i] for i in keep])
+            rows = []
+            for f in ev.failures:
+                pos, count, exc_type, message, tb, exc_bytes, seconds, kind = f
+                for item in items[pos:pos + count]:
+                    row = self._item_failed(item, kind, exc_type, message, tb, exc_bytes,
+                                            seconds, None, None)
+                    if row is not None:
+                        rows.append(row)
+            self.store.record_failures(rows)
+        if ev.n_run < len(items) and not self._stopping:
+            self._retry.extendleft(reversed(items[ev.n_run:]))
+        self._dirty = True
+
+    def _chunks_lost(self, ev: ChunksLost) -> None:
+        blamed: set = set()
+        rows = []
+        if ev.blame is not None and ev.kind != "killed":
+            chunk, pos = ev.blame
+            unit = self.opts.batch_size or 1
+            exc_type = "ItemTimeout" if ev.kind == "timeout" else "WorkerDied"
+            for item in chunk.items[pos:pos + unit]:
+                blamed.add(item)
+                row = self._item_failed(item, ev.kind, exc_type, ev.message, "", None,
+                                        ev.seconds, ev.pid, ev.exitcode)
+                if row is not None:
+                    rows.append(row)
+        self.store.record_failures(rows)
+        for chunk in ev.chunks:
+            self.counters.in_flight -= len(chunk.items)
+            if not self._stopping:
+                self._retry.extendleft(reversed([i for i in chunk.items if i not in blamed]))
+        self._dirty = True
+
+    def _item_failed(self, item, kind, exc_type, message, tb, exc_bytes, seconds, pid,
+                     exitcode) -> Failure | None:
+        """Retry the item, or make its Failure (returned for one batched record)."""
+        attempts = self._attempts[item] = self._attempts.get(item, 0) + 1
+        if attempts <= self.opts.max_retries and not self._stopping:
+            self._retry.append(item)
+            return None
+        prev = self.store.contents.failures.get(item)
+        failure = Failure(item, kind, exc_type, message, tb,
+                          attempts + (prev.attempts if prev else 0), pid, exitcode,
+                          seconds, time.time())
+        if prev is None:
+            self.counters.failed += 1
+        self._new_failures.append(failure)
+        if self.opts.errors == "raise" and self._error is None:
+            self._fail_run(self._exception_for(failure, exc_bytes))
+        return failure
+
+    def _exception_for(self, f: Failure, exc_bytes: bytes | None) -> BaseException:
+        where = (f"nbmplock: on item {f.item!r:.300}; finished items are recorded in "
+                 f"{self.spec.out_path!r}, run the same call again to resume")
+        if f.kind == "died":
+            return WorkerDiedError(f"{f.message}, while processing item {f.item!r:.300}",
+                                   f.item, f.exitcode)
+        if f.kind == "timeout":
+            return ItemTimeoutError(f"item {f.item!r:.300}: {f.message}", f.item)
+        if f.kind == "unpicklable":
+            exc = SerializationError(f.message)
+            exc.__cause__ = RemoteTraceback(f.traceback)
+            return exc
+        exc = _rebuild(f.exc_type, f.message, f.traceback, exc_bytes)
+        add_note(exc, where)
+        return exc
+
+    # -- delivering results ----------------------------------------------
+    def _deliver(self, names: list, results: list | None) -> None:
+        if not names:
+            return
+        if self.spec.save_callback is None:
+            self.counters.failed -= self.store.record_done(names, results)
+            self.counters.done += len(names)
+            return
+        if self._callback_broken:
+            return
+        self._buf_names.extend(names)
+        self._buf_results.extend(results)
+        batch = self.opts.save_batch
+        while len(self._buf_names) >= batch:
+            self._flush(batch)
+
+    def _flush(self, n: int) -> None:
+        names, results = self._buf_names[:n], self._buf_results[:n]
+        del self._buf_names[:n], self._buf_results[:n]
+        try:
+            self.spec.save_callback(self.store.data_path, results, names)
+        except BaseException as exc:
+            self._callback_broken = True
+            self._buf_names.clear()
+            self._buf_results.clear()
+            add_note(exc, f"nbmplock: raised by save_callback; these {len(names)} items are "
+                          "not recorded done and run again on resume")
+            self._fail_run(exc)
+            return
+        self.counters.failed -= self.store.record_done(names, results)
+        self.counters.done += len(names)
+
+    # -- publishing ------------------------------------------------------
+    def _publish_due(self, now: float) -> float | None:
+        if not (self._dirty or self._new_output or self._new_failures):
+            return None
+        return max(0.0, self._next_publish - now)
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and (now < self._next_publish or not (
+                self._dirty or self._new_output or self._new_failures)):
+            return
+        self._next_publish = now + PUBLISH_INTERVAL
+        self._dirty = False
+        if self._backend is not None:
+            self.counters.in_flight_by_worker = self._backend.in_flight()
+        output, self._new_output = self._new_output, []
+        failures, self._new_failures = self._new_failures, []
+        if self._listener is not None:
+            self._listener(self.counters, output, failures)
+
+    def _finish(self) -> None:
+        try:
+            if self._buf_names and not self._callback_broken:
+                self._flush(len(self._buf_names))
+        finally:
+            try:
+                if self._backend is not None:
+                    self._backend.shutdown()
+            finally:
+                self.counters.in_flight = 0
+                self.counters.in_flight_by_worker = {}
+                try:
+                    self.store.close()
+                finally:
+                    self._publish(force=True)
+
+
+def _pending(items, done, only, has_dups) -> Iterator[str]:
+    seen: set | None = set() if has_dups else None
+    for item in items:
+        if item in done or (only is not None and item not in only):
+            continue
+        if seen is not None:
+            if item in seen:
+                continue
+            seen.add(item)
+        yield item
+
+
+def _rebuild(exc_type: str, message: str, tb: str, exc_bytes: bytes | None) -> BaseException:
+    """The worker's exception with its own type, the remote traceback as cause."""
+    exc: BaseException | None = None
+    if exc_bytes is not None:
+        try:
+            exc = pickle.loads(exc_bytes)
+        except Exception:
+            exc = None
+    if exc is None:
+        exc = RuntimeError(f"{exc_type}: {message}")
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc

@@ -1,0 +1,125 @@
+"""The API of ``doc_ock``, the library nbmplock grew from: switch by one import.
+
+Each function runs a :class:`Job` in the foreground: a tqdm bar when
+``verbose``, Ctrl-C (or a Jupyter kernel interrupt) stops at once with every
+finished item recorded, and running the same call again resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._errors import InvalidArgumentsError
+from ._job import Job, RunSummary
+from ._store import read_contents
+from ._validate import check_items, check_out_path, positive_int
+
+log = logging.getLogger("nbmplock")
+
+OPTIONS = ("errors", "max_retries", "item_timeout", "chunk_size", "start_method", "backend")
+
+
+def _check_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise InvalidArgumentsError(", ".join(unknown), "keyword options among " + ", ".join(OPTIONS))
+
+
+def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, shared_data,
+         init_function, verbose, batch_size=None, keep_results=False, options) -> Job:
+    _check_options(options)
+    if options.get("backend") is None:
+        positive_int("num_procs", num_procs)
+    job = Job(data_list, process, out_path, save_callback=save_callback, num_procs=num_procs,
+              save_batch=save_batch, shared_data=shared_data, init_function=init_function,
+              batch_size=batch_size, keep_results=keep_results,
+              errors=options.get("errors", "raise"),
+              **{k: v for k, v in options.items() if k != "errors"})
+    bar = None
+    if verbose:
+        from ._progress import TqdmObserver
+        bar = TqdmObserver(job)
+    try:
+        job.start()
+        try:
+            job.wait()
+        except KeyboardInterrupt:
+            job.stop(force=True)
+            job.wait()
+            p = job.progress
+            raise KeyboardInterrupt(
+                f"nbmplock: stopped by the interrupt; {p.done:,} of {p.total:,} items are "
+                f"recorded done in {job.out_path!r}. Run the same call again to resume."
+            ) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if job.error is not None:
+        raise job.error
+    for failure in job.failures[-5:]:
+        log.warning("nbmplock: item %r failed: %s", failure.item, failure.summary())
+    return job
+
+
+def mp_lock(data_list: Sequence[str], process: Callable, save_callback: Callable | None,
+            num_procs: int, out_path: str, save_batch: int = 10, shared_data: Any = None,
+            init_function: Callable | None = None, verbose: bool = True,
+            **options: Any) -> RunSummary:
+    """Run ``process(item, shared_data, init_values)`` on every item not yet done.
+
+    Results go to ``save_callback(f"{out_path}/data", results, names)`` in
+    batches of ``save_batch``; an item is recorded done once its batch was
+    saved. Run the same call again after a crash, Ctrl-C or an exception and
+    only what is not done runs. Options: ``errors`` ("raise" or "record"),
+    ``max_retries``, ``item_timeout`` (seconds), ``chunk_size``,
+    ``start_method`` ("fork", "spawn", "forkserver"), ``backend`` (a Dask
+    client or scheduler address).
+
+    Returns a :class:`RunSummary`.
+
+    Examples
+    --------
+    >>> mp_lock(paths, resize, save, 4, "runs/resize")   # doctest: +SKIP
+    """
+    return _run(data_list, process, save_callback, num_procs, out_path, save_batch=save_batch,
+                shared_data=shared_data, init_function=init_function, verbose=verbose,
+                options=options).summary
+
+
+def mp_lock_value(data_list: Sequence[str], process: Callable, save_callback: Callable | None,
+                  num_procs: int, out_path: str, save_batch: int = 10,
+                  shared_data: Any = None, init_function: Callable | None = None,
+                  verbose: bool = True, **options: Any) -> list:
+    """Like :func:`mp_lock`, and return the results in ``data_list`` order.
+
+    Results are stored in the run directory, so a resumed call returns those of
+    earlier runs too. With ``errors="record"`` a failed item's result is None.
+    """
+    return _run(data_list, process, save_callback, num_procs, out_path, save_batch=save_batch,
+                shared_data=shared_data, init_function=init_function, verbose=verbose,
+                keep_results=True, options=options).results()
+
+
+mp_lock_values = mp_lock_value
+
+
+def mp_lock_batch(data_list: Sequence[str], process: Callable, save_callback: Callable | None,
+                  num_procs: int, out_path: str, batch_size: int, save_batch: int = 10,
+                  shared_data: Any = None, init_function: Callable | None = None,
+                  verbose: bool = True, **options: Any) -> RunSummary:
+    """Like :func:`mp_lock`, but ``process(items, shared_data, init_values)`` gets a
+    list of up to ``batch_size`` items and returns a list of as many results."""
+    positive_int("batch_size", batch_size)
+    return _run(data_list, process, save_callback, num_procs, out_path, save_batch=save_batch,
+                shared_data=shared_data, init_function=init_function, verbose=verbose,
+                batch_size=batch_size, options=options).summary
+
+
+def is_mp_lock_completed(data_list: Sequence[str], out_path: str) -> bool:
+    """True when every item of ``data_list`` is recorded done in ``out_path``."""
+    items = check_items("data_list", data_list)
+    out_path = check_out_path("out_path", out_path)
+    done = read_contents(out_path).done
+    return bool(done) and set(items) <= done

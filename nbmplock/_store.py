@@ -1,0 +1,481 @@
+"""The run directory: the only code that touches nbmplock's own files.
+
+``out_path`` belongs to the user's ``save_callback`` (``out_path/data*``);
+nbmplock keeps its state beside it in ``out_path/.nbmplock/``:
+
+``log``
+    Append-only records. Each is a 12-byte header (magic ``NL``, kind, flags,
+    payload length, CRC-32 of header and payload) and a payload. ``DONE``
+    records hold a pickled list of item names and, for runs that keep results
+    (``mp_lock_value``), a pickled list of their results; ``FAIL`` records hold
+    failure tuples. A record is written with one ``write`` call right after its
+    items were handed to ``save_callback``, so a SIGKILL of the process loses
+    nothing already recorded; the OS has it.
+``job.json``
+    The fingerprint of the last run (function hash, item count and hash),
+    replaced atomically.
+``lock``
+    An OS file lock (``flock``) held by the live run, released by the kernel
+    when the holder dies, and the holder's pid as text.
+``output.log``
+    Worker stdout and stderr, one prefixed line each.
+
+Why a log and not SQLite: measured on 1,000,000 items (``bench/store_choice.py``)
+the log writes several times faster than SQLite in WAL mode at the same batch
+sizes, reads the done-set back faster, and is smaller on disk; its
+crash-consistency needs only a checksum per record.
+
+Durability policy (group commit): every record reaches the OS at once; the
+file is ``fdatasync``-ed at most every :data:`SYNC_INTERVAL` seconds while a
+run writes, and always when a run ends. A power loss can therefore lose at most
+the last 0.2 s of done marks, whose items are simply run again.
+
+Damage: a torn or corrupt *last* record (a crash mid-write) is ignored, and
+truncated away by the next run. A damaged record with valid records after it
+is never skipped silently: :class:`StoreCorruptError` says where, and
+``python -m nbmplock repair`` keeps every readable record.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import pickle
+import socket
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass
+from typing import Any
+
+from ._errors import InvalidArgumentsError, RunLockedError, StoreCorruptError
+
+log = logging.getLogger("nbmplock")
+
+STATE_DIR = ".nbmplock"
+SYNC_INTERVAL = 0.2
+
+_HEADER = struct.Struct("<2sBBII")
+_MAGIC = b"NL"
+_DONE, _FAIL = 1, 2
+_HAS_RESULTS = 1
+_U32 = struct.Struct("<I")
+_COMPACT_MIN_RECORDS = 4096
+_COMPACT_GROUP = 200_000
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one item is not done.
+
+    ``kind`` is ``"exception"`` (``process`` raised), ``"died"`` (the worker
+    process died holding it), ``"timeout"`` (longer than ``item_timeout``) or
+    ``"unpicklable"`` (its result could not be sent back).
+    """
+
+    item: str
+    kind: str
+    exc_type: str
+    message: str
+    traceback: str
+    attempts: int = 1
+    worker_pid: int | None = None
+    exitcode: int | None = None
+    duration: float | None = None
+    time: float = 0.0
+
+    def summary(self) -> str:
+        return f"{self.exc_type}: {self.message}" if self.message else self.exc_type
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    function: str
+    function_hash: str
+    n_items: int
+    items_hash: str
+
+    def changes_from(self, old: Fingerprint | None) -> list[str]:
+        """Plain-language differences from the run recorded before."""
+        if old is None:
+            return []
+        changes = []
+        if old.function_hash != self.function_hash:
+            changes.append(f"the process function changed ({old.function} -> {self.function})")
+        if old.items_hash != self.items_hash:
+            changes.append(f"the item list changed ({old.n_items} -> {self.n_items} items)")
+        return changes
+
+
+@dataclass
+class Contents:
+    """What the log holds: done items, their results (if loaded), failures."""
+
+    done: set
+    results: dict | None
+    failures: dict
+    records: int = 0
+    valid_bytes: int = 0
+    torn_bytes: int = 0
+
+
+def state_dir(out_path: str) -> str:
+    return os.path.join(out_path, STATE_DIR)
+
+
+def _frame(kind: int, flags: int, payload: bytes) -> bytes:
+    head = _HEADER.pack(_MAGIC, kind, flags, len(payload), 0)[:8]
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return head + _U32.pack(crc) + payload
+
+
+def _done_payload(names: Sequence[str], results: Sequence[Any] | None) -> tuple[int, bytes]:
+    blob = pickle.dumps(list(names), protocol=pickle.HIGHEST_PROTOCOL)
+    if results is None:
+        return 0, _U32.pack(len(blob)) + blob
+    res = pickle.dumps(list(results), protocol=pickle.HIGHEST_PROTOCOL)
+    return _HAS_RESULTS, b"".join((_U32.pack(len(blob)), blob, res))
+
+
+def _valid_at(buf: memoryview, pos: int) -> int | None:
+    """End offset of a valid record starting at ``pos``, else None."""
+    n = len(buf)
+    if n - pos < _HEADER.size:
+        return None
+    magic, _kind, _flags, length, crc = _HEADER.unpack_from(buf, pos)
+    end = pos + _HEADER.size + length
+    if magic != _MAGIC or end > n:
+        return None
+    if zlib.crc32(buf[pos + _HEADER.size:end], zlib.crc32(buf[pos:pos + 8])) != crc:
+        return None
+    return end
+
+
+def _next_valid(buf: memoryview, start: int) -> int | None:
+    raw = buf.obj if isinstance(buf.obj, bytes) else bytes(buf)
+    pos = raw.find(_MAGIC, start)
+    while pos != -1:
+        if _valid_at(buf, pos) is not None:
+            return pos
+        pos = raw.find(_MAGIC, pos + 1)
+    return None
+
+
+def scan(data: bytes, *, results: bool, skip_damaged: bool = False) -> Contents:
+    """Parse a log image. See the module docstring for the damage rules."""
+    buf = memoryview(data)
+    done: set = set()
+    res: dict | None = {} if results else None
+    failures: dict = {}
+    pos, records, n = 0, 0, len(buf)
+    while pos < n:
+        end = _valid_at(buf, pos)
+        if end is None:
+            following = _next_valid(buf, pos + 1)
+            if following is None:
+                break  # torn tail: a crash during the last write
+            if not skip_damaged:
+                raise StoreCorruptError(
+                    f"the run store log is damaged at byte {pos} of {n}, and valid "
+                    f"records follow at byte {following}; nothing was discarded. Run "
+                    "`python -m nbmplock repair OUT_PATH` to keep every readable record "
+                    "(items of the damaged one will run again).")
+            log.warning("skipping a damaged log record at bytes %d-%d", pos, following)
+            pos = following
+            continue
+        _magic, kind, flags, _length, _crc = _HEADER.unpack_from(buf, pos)
+        payload = buf[pos + _HEADER.size:end]
+        if kind == _DONE:
+            (names_len,) = _U32.unpack_from(payload, 0)
+            names = pickle.loads(payload[4:4 + names_len])
+            done.update(names)
+            if res is not None and flags & _HAS_RESULTS:
+                res.update(zip(names, pickle.loads(payload[4 + names_len:])))
+        elif kind == _FAIL:
+            for row in pickle.loads(payload):
+                failure = Failure(*row)
+                failures[failure.item] = failure
+        records += 1
+        pos = end
+    for item in [k for k in failures if k in done]:
+        del failures[item]
+    return Contents(done, res, failures, records, pos, n - pos)
+
+
+def _read_log(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def read_fingerprint(out_path: str) -> Fingerprint | None:
+    try:
+        with open(os.path.join(state_dir(out_path), "job.json"), encoding="utf-8") as f:
+            data = json.load(f)
+        return Fingerprint(data["function"], data["function_hash"],
+                           data["n_items"], data["items_hash"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def lock_holder(out_path: str) -> int | None:
+    """The pid of the live run holding ``out_path``, or None when it is free."""
+    path = os.path.join(state_dir(out_path), "lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _pid_in(fd) or -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pid_in(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace")
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A read-only view of a run directory, for status displays and the CLI."""
+
+    out_path: str
+    done: int
+    failures: tuple[Failure, ...]
+    fingerprint: Fingerprint | None
+    last_update: float | None
+    holder_pid: int | None
+    torn_bytes: int
+
+
+def read_snapshot(out_path: str) -> Snapshot:
+    """Read a run directory without taking its lock (works during a live run)."""
+    sdir = state_dir(out_path)
+    path = os.path.join(sdir, "log")
+    contents = scan(_read_log(path), results=False)
+    try:
+        last = os.stat(path).st_mtime
+    except OSError:
+        last = None
+    failures = tuple(sorted(contents.failures.values(), key=lambda f: f.time))
+    return Snapshot(out_path, len(contents.done), failures, read_fingerprint(out_path),
+                    last, lock_holder(out_path), contents.torn_bytes)
+
+
+def read_contents(out_path: str, *, results: bool = False) -> Contents:
+    """The done-set (and results) of a run directory, without taking its lock."""
+    return scan(_read_log(os.path.join(state_dir(out_path), "log")), results=results)
+
+
+class RunStore:
+    """The run directory opened by a live run: holds the lock, appends records.
+
+    Only the thread that runs the job calls it. Open with :meth:`open`.
+    """
+
+    def __init__(self, out_path: str, lock_fd: int, contents: Contents,
+                 keep_results: bool):
+        self.out_path = out_path
+        self.dir = state_dir(out_path)
+        self.data_path = os.path.join(out_path, "data")
+        self._lock_fd = lock_fd
+        self.contents = contents
+        self.keep_results = keep_results
+        self._log_path = os.path.join(self.dir, "log")
+        self._fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._size = os.fstat(self._fd).st_size
+        self._out = open(os.path.join(self.dir, "output.log"), "ab")
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self.closed = False
+
+    # -- opening ---------------------------------------------------------
+    @classmethod
+    def open(cls, out_path: str, *, keep_results: bool) -> RunStore:
+        """Lock ``out_path`` and load what earlier runs recorded.
+
+        Raises :class:`RunLockedError` when a live run holds it, and
+        :class:`InvalidArgumentsError` when it cannot be written.
+        """
+        sdir = state_dir(out_path)
+        try:
+            os.makedirs(sdir, exist_ok=True)
+            lock_fd = os.open(os.path.join(sdir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise InvalidArgumentsError(
+                "out_path", "a directory this process can create and write",
+                f"{out_path!r}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            pid = _pid_in(lock_fd)
+            os.close(lock_fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            here = " (this process)" if pid == os.getpid() else ""
+            raise RunLockedError(out_path, pid, here) from None
+        try:
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
+            log_path = os.path.join(sdir, "log")
+            data = _read_log(log_path)
+            contents = scan(data, results=True)
+            if contents.torn_bytes:
+                log.warning("%s: ignoring a torn last record (%d bytes) left by a crash",
+                            out_path, contents.torn_bytes)
+                os.truncate(log_path, contents.valid_bytes)
+            if contents.records >= _COMPACT_MIN_RECORDS:
+                _compact(log_path, contents)
+            if not keep_results:
+                contents.results = None
+            return cls(out_path, lock_fd, contents, keep_results)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def private_fds(self) -> list[int]:
+        """File descriptors a forked worker must close (so it never holds the lock)."""
+        return [self._lock_fd, self._fd, self._out.fileno()]
+
+    # -- writing ---------------------------------------------------------
+    def _append(self, record: bytes) -> None:
+        start = self._size
+        try:
+            view = memoryview(record)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError:
+            # Never leave half a record in the middle of the log.
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise
+        self._size = start + len(record)
+        self._dirty = True
+
+    def record_done(self, names: Sequence[str], results: Sequence[Any] | None = None) -> int:
+        """Mark ``names`` done (with ``keep_results``, store their results too).
+
+        Returns how many of them had a failure recorded, now superseded.
+        """
+        if not names:
+            return 0
+        keep = self.keep_results and results is not None
+        flags, payload = _done_payload(names, results if keep else None)
+        self._append(_frame(_DONE, flags, payload))
+        cleared = 0
+        failures = self.contents.failures
+        if failures:
+            for name in names:
+                if failures.pop(name, None) is not None:
+                    cleared += 1
+        if keep:
+            self.contents.results.update(zip(names, results))
+        return cleared
+
+    def record_failures(self, failures: Iterable[Failure]) -> None:
+        failures = list(failures)
+        if not failures:
+            return
+        rows = [astuple(f) for f in failures]
+        self._append(_frame(_FAIL, 0, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
+        for f in failures:
+            self.contents.failures[f.item] = f
+
+    def write_fingerprint(self, fp: Fingerprint) -> None:
+        path = os.path.join(self.dir, "job.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({**fp.__dict__, "updated": time.time()}, f)
+        os.replace(tmp, path)
+
+    def append_output(self, data: bytes) -> None:
+        self._out.write(data)
+        self._out.flush()
+
+    # -- durability ------------------------------------------------------
+    def sync_due_in(self, now: float) -> float | None:
+        """Seconds until the next group commit is due, or None if clean."""
+        if not self._dirty:
+            return None
+        return max(0.0, self._last_sync + SYNC_INTERVAL - now)
+
+    def sync(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._dirty and (force or now - self._last_sync >= SYNC_INTERVAL):
+            os.fdatasync(self._fd)
+            self._dirty = False
+            self._last_sync = now
+
+    def close(self) -> None:
+        """Commit everything and release the lock. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sync(force=True)
+        finally:
+            os.close(self._fd)
+            self._out.close()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+
+
+def _compact(log_path: str, contents: Contents) -> None:
+    """Rewrite the log from ``contents`` (loaded with results) in a few big records.
+
+    Written to a temporary file, fsynced and renamed over the log: a crash
+    leaves either the old log or the new one.
+    """
+    with_results = [k for k in contents.done if k in contents.results]
+    without = [k for k in contents.done if k not in contents.results]
+    tmp = log_path + ".compact"
+    with open(tmp, "wb") as f:
+        for group_start in range(0, len(without), _COMPACT_GROUP):
+            names = without[group_start:group_start + _COMPACT_GROUP]
+            f.write(_frame(_DONE, *_done_payload(names, None)))
+        for group_start in range(0, len(with_results), _COMPACT_GROUP):
+            names = with_results[group_start:group_start + _COMPACT_GROUP]
+            f.write(_frame(_DONE, *_done_payload(names, [contents.results[k] for k in names])))
+        if contents.failures:
+            rows = [astuple(x) for x in contents.failures.values()]
+            f.write(_frame(_FAIL, 0, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, log_path)
+    dir_fd = os.open(os.path.dirname(log_path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def repair(out_path: str) -> int:
+    """Rewrite the log keeping every readable record; returns how many were kept.
+
+    Refuses while a live run holds the directory.
+    """
+    holder = lock_holder(out_path)
+    if holder is not None:
+        raise RunLockedError(out_path, holder if holder > 0 else None)
+    path = os.path.join(state_dir(out_path), "log")
+    contents = scan(_read_log(path), results=True, skip_damaged=True)
+    _compact(path, contents)
+    return contents.records

@@ -1,0 +1,196 @@
+"""The child side: initialise once, run chunks of items, send results back.
+
+Protocol on the worker's duplex pipe (every message is ``send_bytes`` of a
+pickle; the parent writes tasks, the worker writes everything else):
+
+parent -> worker
+    ``(chunk_id, items)``  run these items, in order
+    ``b""``                no more work: exit
+worker -> parent
+    ``("ready", pid)``                           init_function returned
+    ``("init_error", exc_type, message, tb, exc_bytes)``
+    ``("chunk", chunk_id, n_run, results, failures, seconds)``
+        ``n_run`` items were run (fewer than sent when the stop flag was set);
+        ``results`` is the list of their return values (None when the parent
+        does not need them); ``failures`` lists
+        ``(pos, count, exc_type, message, traceback, exc_bytes, seconds, kind)``.
+
+Shared memory the parent reads without a message (so a crash or a timeout can
+be blamed on the exact item): ``slot = [chunk_id, pos, started]`` is written
+before each call of ``process``; ``stop_flag`` set to 1 asks every worker to
+return after the item it is running.
+
+stdout and stderr (file descriptors 1 and 2) are a pipe the parent reads, so
+output of ``print``, of C extensions and of a dying interpreter is kept.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import dill
+
+_PR_SET_PDEATHSIG = 1
+
+
+def dumps(obj: Any) -> bytes:
+    """Fast C pickle, falling back to dill for lambdas and the like."""
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+
+
+def describe_exception(exc: BaseException) -> tuple[str, str, str, bytes | None]:
+    """(type name, message, formatted traceback, pickled exception or None)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        exc_bytes = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(exc_bytes)
+    except Exception:
+        exc_bytes = None
+    return type(exc).__qualname__, str(exc), tb, exc_bytes
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies: no orphans."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def _capture_output(out_fd: int) -> None:
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _reader(conn, tasks: queue.SimpleQueue) -> None:
+    """Receive tasks as they come, so the parent never blocks sending one."""
+    try:
+        while True:
+            msg = conn.recv_bytes()
+            tasks.put(msg)
+            if not msg:
+                return
+    except (EOFError, OSError):
+        tasks.put(b"")
+
+
+def _send_chunk(conn, chunk_id, n_run, results, failures, seconds) -> None:
+    msg = ("chunk", chunk_id, n_run, results, failures, seconds)
+    try:
+        data = dumps(msg)
+    except Exception:
+        data = dumps(_without_unpicklable(msg))
+    conn.send_bytes(data)
+
+
+def _without_unpicklable(msg):
+    """Turn each result that cannot be pickled into a failure of its item."""
+    kind, chunk_id, n_run, results, failures, seconds = msg
+    failures = list(failures)
+    clean = []
+    for pos, value in enumerate(results):
+        try:
+            dumps(value)
+        except Exception as exc:
+            name, text, tb, _ = describe_exception(exc)
+            failures.append((pos, 1, name, f"the result of process() cannot be pickled: {text}",
+                             tb, None, 0.0, "unpicklable"))
+            value = None
+        clean.append(value)
+    return kind, chunk_id, n_run, clean, failures, seconds
+
+
+def main(conn, out_conn, payload, slot, stop_flag, close_fds, want_results) -> None:
+    """Entry point of a worker process (``multiprocess.Process`` target)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent()
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _capture_output(out_conn.fileno())
+    out_conn.close()
+
+    try:
+        if isinstance(payload, bytes):
+            payload = dill.loads(payload)
+        process, init_function, shared_data, batch_size = payload
+        init_values = init_function(shared_data) if init_function is not None else {}
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit
+        _flush_output()
+        conn.send_bytes(dumps(("init_error",) + describe_exception(exc)))
+        return
+    _flush_output()
+    conn.send_bytes(dumps(("ready", os.getpid())))
+
+    tasks: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_reader, args=(conn, tasks), daemon=True).start()
+    unit = batch_size or 1
+    clock = time.monotonic
+    while True:
+        msg = tasks.get()
+        if not msg:
+            break
+        chunk_id, items = pickle.loads(msg)
+        slot[0] = chunk_id
+        results: list = []
+        failures: list = []
+        n = len(items)
+        pos = 0
+        chunk_start = time.perf_counter()
+        while pos < n:
+            if stop_flag.value:
+                break
+            slot[1] = pos
+            started = slot[2] = clock()
+            try:
+                if batch_size is None:
+                    results.append(process(items[pos], shared_data, init_values))
+                else:
+                    batch = items[pos:pos + unit]
+                    out = process(batch, shared_data, init_values)
+                    if not isinstance(out, (list, tuple)) or len(out) != len(batch):
+                        got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
+                        raise TypeError(f"process() got a batch of {len(batch)} items and must "
+                                        f"return a list of {len(batch)} results, got {got}")
+                    results.extend(out)
+            except Exception as exc:
+                count = 1 if batch_size is None else len(items[pos:pos + unit])
+                failures.append((pos, count, *describe_exception(exc), clock() - started,
+                                 "exception"))
+                results.extend([None] * count)
+            pos += unit
+        slot[1] = -1.0
+        n_run = min(pos, n)
+        _flush_output()
+        _send_chunk(conn, chunk_id, n_run, results if want_results else None,
+                    failures, time.perf_counter() - chunk_start)
+    _flush_output()
