@@ -127,6 +127,46 @@ def _without_unpicklable(msg):
     return kind, chunk_id, n_run, clean, failures, seconds
 
 
+def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_flag):
+    """Run ``items`` in order; the one loop every backend uses.
+
+    Returns ``(n_run, results, failures, seconds)`` as in the protocol above.
+    ``slot[1:3]`` is set to (position, start time) before each call and
+    ``slot[1]`` to -1 after the last; ``stop_flag.value`` set ends early.
+    """
+    unit = batch_size or 1
+    clock = time.monotonic
+    results: list = []
+    failures: list = []
+    n = len(items)
+    pos = 0
+    chunk_start = time.perf_counter()
+    while pos < n:
+        if stop_flag.value:
+            break
+        slot[1] = pos
+        started = slot[2] = clock()
+        try:
+            if batch_size is None:
+                results.append(process(items[pos], shared_data, init_values))
+            else:
+                batch = items[pos:pos + unit]
+                out = process(batch, shared_data, init_values)
+                if not isinstance(out, (list, tuple)) or len(out) != len(batch):
+                    got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
+                    raise TypeError(f"process() got a batch of {len(batch)} items and must "
+                                    f"return a list of {len(batch)} results, got {got}")
+                results.extend(out)
+        except Exception as exc:
+            count = 1 if batch_size is None else len(items[pos:pos + unit])
+            failures.append((pos, count, *describe_exception(exc), clock() - started,
+                             "exception"))
+            results.extend([None] * count)
+        pos += unit
+    slot[1] = -1.0
+    return min(pos, n), results, failures, time.perf_counter() - chunk_start
+
+
 def main(conn, out_conn, payload, slot, stop_flag, close_fds, want_results) -> None:
     """Entry point of a worker process (``multiprocess.Process`` target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -153,44 +193,15 @@ def main(conn, out_conn, payload, slot, stop_flag, close_fds, want_results) -> N
 
     tasks: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_reader, args=(conn, tasks), daemon=True).start()
-    unit = batch_size or 1
-    clock = time.monotonic
     while True:
         msg = tasks.get()
         if not msg:
             break
         chunk_id, items = pickle.loads(msg)
         slot[0] = chunk_id
-        results: list = []
-        failures: list = []
-        n = len(items)
-        pos = 0
-        chunk_start = time.perf_counter()
-        while pos < n:
-            if stop_flag.value:
-                break
-            slot[1] = pos
-            started = slot[2] = clock()
-            try:
-                if batch_size is None:
-                    results.append(process(items[pos], shared_data, init_values))
-                else:
-                    batch = items[pos:pos + unit]
-                    out = process(batch, shared_data, init_values)
-                    if not isinstance(out, (list, tuple)) or len(out) != len(batch):
-                        got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
-                        raise TypeError(f"process() got a batch of {len(batch)} items and must "
-                                        f"return a list of {len(batch)} results, got {got}")
-                    results.extend(out)
-            except Exception as exc:
-                count = 1 if batch_size is None else len(items[pos:pos + unit])
-                failures.append((pos, count, *describe_exception(exc), clock() - started,
-                                 "exception"))
-                results.extend([None] * count)
-            pos += unit
-        slot[1] = -1.0
-        n_run = min(pos, n)
+        n_run, results, failures, seconds = run_chunk(
+            items, process, shared_data, init_values, batch_size, slot, stop_flag)
         _flush_output()
         _send_chunk(conn, chunk_id, n_run, results if want_results else None,
-                    failures, time.perf_counter() - chunk_start)
+                    failures, seconds)
     _flush_output()
