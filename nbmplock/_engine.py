@@ -140,7 +140,10 @@ class LocalBackend:
         worker = min((w for w in self._workers.values() if w.ready and len(w.chunks) < PREFETCH),
                      key=lambda w: len(w.chunks))
         worker.chunks.append(chunk)
-        worker.conn.send_bytes(_worker.dumps((chunk.id, chunk.items)))
+        try:
+            worker.conn.send_bytes(_worker.dumps((chunk.id, chunk.items)))
+        except OSError:
+            pass  # it just died: its sentinel fires and the chunk goes back to the queue
 
     def in_flight(self) -> dict[str, int]:
         return {w.label: sum(len(c.items) for c in w.chunks) for w in self._workers.values()}

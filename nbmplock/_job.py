@@ -374,9 +374,17 @@ class Job:
             raise JobStateError(f"cannot read results(): {_WHY[self._state]}")
         runner = self._runner
         if runner is not None and runner.store is not None and runner.store.contents.results is not None:
-            stored = runner.store.contents.results
+            contents = runner.store.contents
         else:
-            stored = read_contents(self.out_path, results=True).results
+            contents = read_contents(self.out_path, results=True)
+        stored = contents.results
+        if len(stored) < len(contents.done):
+            lost = sum(1 for item in set(self.spec.items)
+                       if item in contents.done and item not in stored)
+            if lost:
+                log.warning("nbmplock: %d items of %r were recorded done by a run that did not "
+                            "keep results (mp_lock, or a save_callback); their results are None",
+                            lost, self.out_path)
         get = stored.get
         return [get(item) for item in self.spec.items]
 

@@ -112,6 +112,7 @@ class Runner:
         self._buf_results: list = []
         self._callback_broken = False
         self._new_output: list = []
+        self._recent_output: dict = {}
         self._new_failures: list = []
         self._next_publish = 0.0
         self._dirty = True
@@ -268,6 +269,7 @@ class Runner:
         if isinstance(event, ChunkDone):
             self._chunk_done(event)
         elif isinstance(event, WorkerOutput):
+            self._recent_output.setdefault(event.worker, deque(maxlen=40)).extend(event.lines)
             prefixed = [f"[{event.worker}] {line}" for line in event.lines]
             self.store.append_output(("\n".join(prefixed) + "\n").encode("utf-8", "replace"))
             self._new_output.extend(prefixed)
@@ -330,9 +332,11 @@ class Runner:
             chunk, pos = ev.blame
             unit = self.opts.batch_size or 1
             exc_type = "ItemTimeout" if ev.kind == "timeout" else "WorkerDied"
+            recent = self._recent_output.pop(ev.worker, ())
+            tb = ("Last output of the worker:\n" + "\n".join(recent)) if recent else ""
             for item in chunk.items[pos:pos + unit]:
                 blamed.add(item)
-                row = self._item_failed(item, ev.kind, exc_type, ev.message, "", None,
+                row = self._item_failed(item, ev.kind, exc_type, ev.message, tb, None,
                                         ev.seconds, ev.pid, ev.exitcode)
                 if row is not None:
                     rows.append(row)

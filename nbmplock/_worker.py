@@ -27,6 +27,7 @@ output of ``print``, of C extensions and of a dying interpreter is kept.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import io
 import os
 import pickle
@@ -178,6 +179,8 @@ def main(conn, out_conn, payload, slot, stop_flag, close_fds, want_results) -> N
             pass
     _capture_output(out_conn.fileno())
     out_conn.close()
+    # A segfault's Python traceback lands in the captured output (output.log).
+    faulthandler.enable(file=sys.stderr, all_threads=False)
 
     try:
         if isinstance(payload, bytes):

@@ -1,0 +1,394 @@
+"""The notebook view of a Job: an ipywidgets ``VBox`` that stays live.
+
+:class:`Panel` builds its widgets once, then only changes their values. It
+subscribes to the Job; events arrive on the job's background thread and are
+applied at most :data:`MIN_INTERVAL` apart (a dropped progress event is
+flushed by a timer, so the last numbers always show); state events apply at
+once. Every text that came from the user (items, messages, tracebacks, worker
+output) is HTML-escaped.
+
+Stable hooks for browser tests: the root has the CSS class ``nbmplock-panel``;
+the counts line (class ``nbmplock-counts``) always reads::
+
+    done {done} / {total} · earlier runs {done_before} · this run {done_now} · failed {failed} · in flight {in_flight}
+
+and the buttons are described **Start**, **Stop**, **Force stop**, **Resume**
+and **Retry failed**.
+
+Only this module imports ipywidgets; without it, importing it raises
+:class:`~nbmplock.MissingDependencyError` (and the Job's repr falls back to text).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import threading
+import time
+from collections.abc import Callable
+
+from ._errors import MissingDependencyError
+
+try:
+    import ipywidgets as widgets
+except ImportError as exc:  # pragma: no cover - exercised by a test that hides ipywidgets
+    raise MissingDependencyError(
+        'the nbmplock panel needs ipywidgets: pip install "nbmplock[notebook]"') from exc
+
+from ._job import Event, Job, JobState, Progress
+from ._store import Failure
+
+MIN_INTERVAL = 0.1
+MAX_FAILURE_ROWS = 100
+OUTPUT_LINES = 50
+REATTACHED_NOTICE = "A run on this out_path is already going in this kernel; showing it."
+COUNTS_FORMAT = ("done {done} / {total} · earlier runs {done_before} · this run {done_now}"
+                 " · failed {failed} · in flight {in_flight}")
+
+_ITEM_CHARS = 120
+_MESSAGE_CHARS = 300
+
+# badge colour and bar_style for each shown state
+_LOOK = {
+    "idle": ("#9e9e9e", ""),
+    "running": ("#1e88e5", "info"),
+    "stopping": ("#fb8c00", "warning"),
+    "stopped": ("#757575", ""),
+    "finished": ("#43a047", "success"),
+    "finished with failures": ("#f0a30a", "warning"),
+    "failed": ("#e53935", "danger"),
+}
+
+
+def shown_state(progress: Progress) -> str:
+    """The state as the badge says it: the enum value, or "finished with failures"."""
+    if progress.state is JobState.FINISHED and progress.failed > 0:
+        return "finished with failures"
+    return progress.state.value
+
+
+def counts_text(progress: Progress) -> str:
+    """The counts line in its stable, parseable format."""
+    p = progress
+    return COUNTS_FORMAT.format(done=p.done, total=p.total, done_before=p.done_before,
+                                done_now=p.done_now, failed=p.failed, in_flight=p.in_flight)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def timing_text(progress: Progress) -> str:
+    p = progress
+    return f"rate {p.rate:,.1f} items/s · elapsed {_duration(p.elapsed)} · ETA {_duration(p.eta)}"
+
+
+def workers_text(progress: Progress) -> str:
+    if not progress.in_flight_by_worker:
+        return "in flight per worker: none"
+    per = " · ".join(f"{label} {count}" for label, count in progress.in_flight_by_worker)
+    return f"in flight per worker: {per}"
+
+
+def function_name(fn: Callable) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) \
+        or type(fn).__qualname__
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def failures_html(failures: tuple[Failure, ...], total_failed: int | None = None) -> str:
+    """An escaped HTML table of the last :data:`MAX_FAILURE_ROWS` failures.
+
+    Each row's message expands (``<details>``) to the worker's full traceback.
+    """
+    if not failures:
+        return ""
+    total = max(total_failed or 0, len(failures))
+    shown = failures[-MAX_FAILURE_ROWS:]
+    esc = html.escape
+    rows = []
+    for f in shown:
+        first_line = f.message.splitlines()[0] if f.message else ""
+        summary = esc(_clip(first_line, _MESSAGE_CHARS)) or "<i>(no message)</i>"
+        detail = esc(f.traceback or f.summary())
+        attempts = f" (attempts {f.attempts})" if f.attempts > 1 else ""
+        rows.append(
+            "<tr>"
+            f'<td title="{esc(_clip(f.item, 2000))}"><code>{esc(_clip(repr(f.item), _ITEM_CHARS))}'
+            "</code></td>"
+            f"<td>{esc(f.exc_type)}{esc(attempts)}</td>"
+            f"<td><details><summary>{summary}</summary>"
+            f'<pre style="white-space:pre-wrap;margin:2px 0">{detail}</pre></details></td>'
+            "</tr>")
+    more = total - len(shown)
+    head = f"<b>Failures ({total})</b>"
+    if more > 0:
+        head += (f" — showing the last {len(shown)}, and {more} more"
+                 " (<code>python -m nbmplock failures OUT_PATH</code> lists all)")
+    return (f"<div>{head}</div>"
+            '<table style="border-collapse:collapse;font-size:12px;text-align:left">'
+            "<thead><tr><th>item</th><th>exception type</th><th>message</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def output_html(lines: list[str]) -> str:
+    if not lines:
+        return ""
+    text = html.escape("\n".join(lines))
+    return ('<pre style="max-height:14em;overflow:auto;font-size:11px;margin:0;'
+            f'white-space:pre-wrap">{text}</pre>')
+
+
+class Panel(widgets.VBox):
+    """A live view of a :class:`~nbmplock.Job`, with Start/Stop/Resume/Retry buttons.
+
+    Displaying a Job shows one of these; each display is its own live panel.
+    Close it (:meth:`close`) to stop it listening to the job.
+
+    Examples
+    --------
+    >>> from nbmplock._panel import Panel          # doctest: +SKIP
+    >>> Panel(job)                                  # doctest: +SKIP
+    """
+
+    def __init__(self, job: Job, **kwargs):
+        self._job = job
+        self._lock = threading.RLock()
+        self._closed = False
+        self._next_apply = 0.0
+        self._pending: Progress | None = None
+        self._pending_output = False
+        self._pending_failures = False
+        self._timer: threading.Timer | None = None
+        self._failed_shown: int | None = None
+        self._message_text = ""
+
+        self.title = widgets.HTML(value=(
+            f"<b>nbmplock</b> · <code>{html.escape(job.out_path)}</code> · "
+            f"<code>{html.escape(function_name(job.spec.process))}</code>"))
+        self.notice = widgets.HTML(value="")
+        self.state_badge = widgets.HTML(value="")
+        self.bar = widgets.IntProgress(value=0, min=0, max=1,
+                                       layout=widgets.Layout(width="50%"))
+        self.percent = widgets.Label(value="")
+        self.counts = widgets.Label(value="")
+        self.timing = widgets.Label(value="")
+        self.workers = widgets.Label(value="")
+        self.start_button = widgets.Button(description="Start", icon="play",
+                                           tooltip="Start the run")
+        self.stop_button = widgets.Button(
+            description="Stop", icon="stop",
+            tooltip="Stop: workers finish their current items, which are recorded")
+        self.force_stop_button = widgets.Button(
+            description="Force stop", icon="times",
+            tooltip="Kill the workers now; their current items stay not done")
+        self.resume_button = widgets.Button(
+            description="Resume", icon="forward",
+            tooltip="Run every item not recorded done (failed ones included)")
+        self.retry_button = widgets.Button(description="Retry failed", icon="redo",
+                                           tooltip="Run only the items recorded failed")
+        self.message = widgets.HTML(value="")
+        self.failures_table = widgets.HTML(value="")
+        self.output_tail = widgets.HTML(value="")
+
+        for widget, css in [
+            (self.title, "nbmplock-title"), (self.notice, "nbmplock-notice"),
+            (self.state_badge, "nbmplock-state"), (self.bar, "nbmplock-bar"),
+            (self.counts, "nbmplock-counts"), (self.timing, "nbmplock-timing"),
+            (self.workers, "nbmplock-workers"), (self.message, "nbmplock-message"),
+            (self.failures_table, "nbmplock-failures"), (self.output_tail, "nbmplock-output"),
+        ]:
+            widget.add_class(css)
+        self.buttons = [self.start_button, self.stop_button, self.force_stop_button,
+                        self.resume_button, self.retry_button]
+        for button, action in zip(self.buttons,
+                                  ["start", "stop", "force_stop", "resume", "retry_failed"]):
+            button.add_class("nbmplock-button")
+            button.on_click(functools.partial(self._on_click, action))
+
+        children = [
+            self.title, self.notice,
+            widgets.HBox([self.state_badge, self.bar, self.percent]),
+            self.counts, self.timing, self.workers,
+            widgets.HBox(self.buttons), self.message,
+            self.failures_table, self.output_tail,
+        ]
+        super().__init__(children=children, **kwargs)
+        self.add_class("nbmplock-panel")
+
+        if job.reattached and job.state.active:
+            self._set_notice(REATTACHED_NOTICE)
+        self._unsubscribe = job.subscribe(self._on_event)
+        self.refresh()
+
+    # -- the job's events (background thread) ----------------------------
+    def _on_event(self, event: Event) -> None:
+        if self._closed:
+            return
+        now = time.monotonic()
+        with self._lock:
+            output = self._pending_output or bool(event.output)
+            failures = self._pending_failures or bool(event.failures)
+            if event.kind != "state" and now < self._next_apply:
+                self._pending = event.progress
+                self._pending_output, self._pending_failures = output, failures
+                if self._timer is None:
+                    self._timer = threading.Timer(self._next_apply - now, self._flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+            self._pending = None
+            self._pending_output = self._pending_failures = False
+            self._apply(event.progress, output=output,
+                        failures=failures or event.kind == "state",
+                        state_event=event.kind == "state")
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            progress, self._pending = self._pending, None
+            if progress is None or self._closed:
+                return
+            output, failures = self._pending_output, self._pending_failures
+            self._pending_output = self._pending_failures = False
+            self._apply(progress, output=output, failures=failures)
+
+    def refresh(self) -> None:
+        """Show the job's current numbers now (the panel also does this by itself)."""
+        with self._lock:
+            self._apply(self._job.progress, output=True, failures=True, state_event=True)
+
+    # -- applying a snapshot: only trait values change -------------------
+    def _apply(self, p: Progress, *, output: bool = False, failures: bool = False,
+               state_event: bool = False) -> None:
+        if self._closed:
+            return
+        self._next_apply = time.monotonic() + MIN_INTERVAL
+        job = self._job
+        state = shown_state(p)
+        colour, bar_style = _LOOK[state]
+        self.state_badge.value = (
+            f'<span style="background:{colour};color:white;padding:1px 8px;'
+            f'border-radius:8px;font-weight:bold">{html.escape(state)}</span>')
+        total = max(p.total, 1)
+        if self.bar.max != total:
+            self.bar.max = total
+        self.bar.value = min(p.done, total)
+        self.bar.bar_style = bar_style
+        self.percent.value = f"{100 * p.fraction:.1f}%"
+        self.counts.value = counts_text(p)
+        self.timing.value = timing_text(p)
+        self.workers.value = workers_text(p)
+        self._set_buttons(p)
+        if failures or p.failed != self._failed_shown:
+            self._failed_shown = p.failed
+            self.failures_table.value = failures_html(job.failures, p.failed)
+        if output:
+            self.output_tail.value = output_html(list(job.output)[-OUTPUT_LINES:])
+        if state_event:
+            self._show_job_message(p)
+
+    def _set_buttons(self, p: Progress) -> None:
+        state = p.state
+        self.start_button.disabled = state is not JobState.IDLE
+        self.stop_button.disabled = not state.active
+        self.force_stop_button.disabled = not state.active
+        self.resume_button.disabled = not (
+            state in (JobState.STOPPED, JobState.FAILED)
+            or (state is JobState.FINISHED and p.remaining > 0))
+        self.retry_button.disabled = state.active or p.failed == 0
+
+    def _show_job_message(self, p: Progress) -> None:
+        job = self._job
+        if p.state is JobState.FAILED and job.error is not None:
+            self._set_message(f"The run failed: {type(job.error).__name__}: {job.error}",
+                              error=True)
+        elif p.state is JobState.RUNNING and job.fingerprint_changes:
+            self._set_message("Resumed, but " + "; ".join(job.fingerprint_changes)
+                              + " since the last run; items recorded done are not run again.")
+        if not p.state.active and self.notice.value:
+            self._set_notice("")
+
+    def _set_notice(self, text: str) -> None:
+        self.notice.value = (f'<span style="color:#b26a00">{html.escape(text)}</span>'
+                             if text else "")
+
+    def _set_message(self, text: str, *, error: bool = False) -> None:
+        self._message_text = text
+        colour = "#c62828" if error else "inherit"
+        self.message.value = (f'<span style="color:{colour}">{html.escape(text)}</span>'
+                              if text else "")
+
+    # -- buttons (the kernel's main thread) ------------------------------
+    def _on_click(self, action: str, _button=None) -> None:
+        job = self._job
+        self._set_message("")
+        try:
+            if action == "start":
+                job.start()
+            elif action == "stop":
+                job.stop()
+            elif action == "force_stop":
+                job.stop(force=True)
+            elif action == "resume":
+                job.resume()
+            else:
+                job.retry_failed()
+        except Exception as exc:  # noqa: BLE001 - shown in the panel, not lost in a callback
+            self._set_message(f"{type(exc).__name__}: {exc}", error=True)
+        self.refresh()
+
+    # -- text and lifetime -----------------------------------------------
+    def status_text(self) -> str:
+        """What the panel shows, as plain text (for tests and logs)."""
+        lines = [f"nbmplock · {self._job.out_path} · {function_name(self._job.spec.process)}",
+                 f"state: {html.unescape(_strip_tags(self.state_badge.value))}",
+                 self.counts.value, self.timing.value, self.workers.value]
+        notice = html.unescape(_strip_tags(self.notice.value))
+        if notice:
+            lines.insert(1, notice)
+        if self._message_text:
+            lines.append(self._message_text)
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Stop listening to the job and close every widget of the panel."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        self._unsubscribe()
+        for child in self._all_children():
+            child.close()
+        super().close()
+
+    def _all_children(self):
+        stack = list(self.children)
+        while stack:
+            widget = stack.pop()
+            stack.extend(getattr(widget, "children", ()))
+            yield widget
+
+
+def _strip_tags(markup: str) -> str:
+    out, inside = [], False
+    for ch in markup:
+        if ch == "<":
+            inside = True
+        elif ch == ">":
+            inside = False
+        elif not inside:
+            out.append(ch)
+    return "".join(out)

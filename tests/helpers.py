@@ -1,0 +1,51 @@
+"""Process functions for tests: module level, so every start method can use them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def length(item, shared_data, init_values):
+    return len(item)
+
+
+def echo(item, shared_data, init_values):
+    return item
+
+
+def slow(item, shared_data, init_values):
+    time.sleep(shared_data.get("sleep", 0.002))
+    return item
+
+
+def fail_on_seven(item, shared_data, init_values):
+    if item.endswith("7"):
+        raise ValueError(f"no sevens: {item}")
+    return item
+
+
+def init_pid(shared_data):
+    return {"pid": os.getpid(), "token": shared_data.get("token")}
+
+
+def with_init(item, shared_data, init_values):
+    return f"{item}:{init_values['pid']}:{init_values['token']}"
+
+
+def batch_upper(items, shared_data, init_values):
+    return [i.upper() for i in items]
+
+
+class Saver:
+    """A save_callback that remembers every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, path, results, names):
+        self.calls.append((path, list(results), list(names)))
+
+    @property
+    def names(self):
+        return [n for _, _, batch in self.calls for n in batch]

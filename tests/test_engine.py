@@ -1,0 +1,247 @@
+"""Worker processes: death, timeouts, start methods, Ctrl-C, a killed driver."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import nbmplock
+from nbmplock import WorkerDiedError, mp_lock, mp_lock_value
+from nbmplock._store import read_contents
+
+from .helpers import Saver
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ITEMS = [f"i{n:03d}" for n in range(60)]
+
+
+def _crash(how):
+    def process(item, shared, init):
+        if item == "i013":
+            if how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif how == "exit":
+                os._exit(3)
+            elif how == "segfault":
+                import ctypes
+                ctypes.string_at(0)
+        return item
+    return process
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how, exitcode, words", [
+    ("sigkill", -signal.SIGKILL, "SIGKILL (possibly out of memory"),
+    ("exit", 3, "exited with code 3"),
+    ("segfault", -signal.SIGSEGV, "SIGSEGV"),
+])
+def test_dead_worker_fails_its_item_and_the_run_goes_on(tmp_path, how, exitcode, words):
+    saver = Saver()
+    summary = mp_lock(ITEMS, _crash(how), saver, 2, str(tmp_path), verbose=False,
+                      errors="record", chunk_size=5)
+    assert [f.item for f in summary.failures] == ["i013"]
+    failure = summary.failures[0]
+    assert failure.kind == "died" and failure.exitcode == exitcode and words in failure.message
+    assert failure.worker_pid is not None
+    assert sorted(saver.names) == sorted(set(ITEMS) - {"i013"})
+    assert read_contents(str(tmp_path)).done == set(saver.names)
+
+
+@pytest.mark.timeout(60)
+def test_dead_worker_raises_worker_died_error_by_default(tmp_path):
+    with pytest.raises(WorkerDiedError, match="i013") as info:
+        mp_lock(ITEMS, _crash("exit"), None, 2, str(tmp_path), verbose=False, chunk_size=4)
+    assert info.value.exitcode == 3 and info.value.item == "i013"
+    done = read_contents(str(tmp_path)).done
+    assert "i013" not in done
+    # resume with a fixed function completes everything
+    summary = mp_lock(ITEMS, lambda i, s, v: i, None, 2, str(tmp_path), verbose=False)
+    assert summary.skipped == len(done) and summary.done == len(ITEMS) - len(done)
+
+
+@pytest.mark.timeout(60)
+def test_init_runs_again_in_a_replacement_worker(tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+
+    def init(shared):
+        (pids / str(os.getpid())).touch()
+        return {}
+
+    mp_lock(ITEMS, _crash("sigkill"), None, 1, str(tmp_path / "run"), verbose=False,
+            errors="record", init_function=init)
+    assert len(list(pids.iterdir())) == 2  # the first worker and its replacement
+
+
+@pytest.mark.timeout(60)
+def test_item_timeout_kills_the_slow_item_only(tmp_path):
+    def process(item, shared, init):
+        if item == "i005":
+            time.sleep(600)
+        return item
+
+    summary = mp_lock(ITEMS[:20], process, None, 2, str(tmp_path), verbose=False,
+                      errors="record", item_timeout=1.0)
+    assert [f.item for f in summary.failures] == ["i005"]
+    assert summary.failures[0].kind == "timeout"
+    assert "item_timeout=1" in summary.failures[0].message
+    assert summary.done == 19
+
+
+@pytest.mark.timeout(60)
+def test_item_timeout_raises_by_default(tmp_path):
+    with pytest.raises(nbmplock.ItemTimeoutError):
+        mp_lock(["slow"], lambda i, s, v: time.sleep(600), None, 1, str(tmp_path),
+                verbose=False, item_timeout=0.5)
+
+
+@pytest.mark.timeout(60)
+def test_init_error_is_clear(tmp_path):
+    def init(shared):
+        raise KeyError("model weights missing")
+
+    with pytest.raises(nbmplock.WorkerInitError, match="model weights missing") as info:
+        mp_lock(ITEMS, lambda i, s, v: i, None, 2, str(tmp_path), verbose=False,
+                init_function=init)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["spawn", "forkserver", "fork"])
+def test_main_lambdas_and_closures_under_every_start_method(tmp_path, method):
+    script = textwrap.dedent(f"""
+        import math, sys
+        import nbmplock
+        SCALE = 3
+        def make(offset):
+            return lambda item, shared, init: math.floor(len(item) * SCALE) + offset + init["k"]
+        if __name__ == "__main__":
+            out = nbmplock.mp_lock_value(["a", "bb", "ccc"], make(10), None, 2, sys.argv[1],
+                                         init_function=lambda shared: {{"k": shared["k"]}},
+                                         shared_data={{"k": 100}}, verbose=False,
+                                         start_method="{method}")
+            sys.stdout.write(repr(out))
+    """)
+    path = tmp_path / "main_script.py"
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, str(path), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[113, 116, 119]"
+
+
+@pytest.mark.timeout(60)
+def test_unserialisable_function_under_spawn_is_a_clear_error(tmp_path):
+    numbers = (n for n in range(3))  # generators cannot be pickled, even by dill
+
+    def process(item, shared, init):
+        return next(numbers)
+
+    with pytest.raises(nbmplock.SerializationError, match="init_function"):
+        mp_lock(["a"], process, None, 1, str(tmp_path), verbose=False, start_method="spawn")
+
+
+def _driver(tmp_path, body: str) -> subprocess.Popen:
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.Popen([sys.executable, str(script)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+DRIVER = """
+    import os, sys, time, json
+    import nbmplock
+    OUT = {out!r}
+    def process(item, shared, init):
+        with open(os.path.join(OUT, "processed.txt"), "a") as f:
+            f.write(item + "\\n")
+        time.sleep(0.003)
+        return item
+    def save(path, results, names):
+        with open(path + ".txt", "a") as f:
+            f.write("".join(n + "\\n" for n in names))
+    if __name__ == "__main__":
+        items = [f"item-{{i:04d}}" for i in range({n})]
+        nbmplock.mp_lock(items, process, save, 2, OUT, verbose=False, chunk_size=5)
+        sys.stdout.write("complete")
+"""
+
+
+def _wait_for_progress(out, minimum):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if os.path.isdir(out) and len(read_contents(out).done) >= minimum:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the driver made no progress")
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_of_the_driver_then_resume(tmp_path):
+    out = str(tmp_path / "run")
+    n = 600
+    proc = _driver(tmp_path, DRIVER.format(out=out, n=n))
+    _wait_for_progress(out, 100)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    psutil.wait_procs(children, timeout=10)  # PDEATHSIG: workers die with their parent
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    done_at_kill = read_contents(out).done
+    assert 100 <= len(done_at_kill) < n
+    processed_before = open(os.path.join(out, "processed.txt")).read().splitlines()
+    with open(os.path.join(out, "processed.txt"), "w"):
+        pass
+    proc = _driver(tmp_path, DRIVER.format(out=out, n=n))
+    stdout, stderr = proc.communicate(timeout=100)
+    assert stdout == "complete", stderr
+    rerun = open(os.path.join(out, "processed.txt")).read().splitlines()
+    assert not set(rerun) & done_at_kill  # nothing recorded done ran again
+    saved = open(os.path.join(out, "data.txt")).read().splitlines()
+    assert set(saved) == {f"item-{i:04d}" for i in range(n)}
+    # every item saved twice was in flight at the kill: bounded by the in-flight window
+    twice = len(saved) - len(set(saved))
+    assert twice <= 2 * 2 * 5 + 10
+    assert set(processed_before) | set(rerun) == set(saved)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_stops_quickly_leaves_no_children_and_resumes(tmp_path):
+    out = str(tmp_path / "run")
+    body = DRIVER.format(out=out, n=100000).replace("time.sleep(0.003)", "time.sleep(0.05)")
+    proc = _driver(tmp_path, body)
+    _wait_for_progress(out, 20)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in stderr and "Run the same call again to resume" in stderr
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
+    done = read_contents(out).done
+    saved = open(os.path.join(out, "data.txt")).read().splitlines()
+    assert set(saved) == done
+
+
+@pytest.mark.timeout(60)
+def test_second_live_run_is_refused_and_dead_lock_does_not_block(tmp_path):
+    out = str(tmp_path / "run")
+    body = DRIVER.format(out=out, n=100000).replace("time.sleep(0.003)", "time.sleep(0.05)")
+    proc = _driver(tmp_path, body)
+    _wait_for_progress(out, 1)
+    with pytest.raises(nbmplock.RunLockedError, match=f"process {proc.pid}"):
+        mp_lock(["x"], lambda i, s, v: i, None, 1, out, verbose=False)
+    assert nbmplock.read_snapshot(out).holder_pid == proc.pid
+    proc.kill()
+    proc.wait(10)
+    time.sleep(0.5)  # let the workers die with their parent
+    assert nbmplock.read_snapshot(out).holder_pid is None
+    assert mp_lock_value(["x"], lambda i, s, v: i, None, 1, out, verbose=False) == ["x"]
