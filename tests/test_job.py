@@ -1,0 +1,161 @@
+"""Job: background thread, states, stop/resume/retry, observers, restart-proof."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+import nbmplock
+from nbmplock import Job, JobState, JobStateError
+from nbmplock._store import read_contents
+
+from . import helpers
+from .helpers import Saver
+
+ITEMS = [f"job-{n:05d}" for n in range(3000)]
+
+
+def _wait_until(predicate, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("force", [False, True])
+def test_stop_from_another_thread_then_resume(tmp_path, force):
+    saver = Saver()
+    job = Job(ITEMS, helpers.slow, str(tmp_path), num_procs=2, save_callback=saver,
+              shared_data={"sleep": 0.002}, save_batch=7)
+    events = []
+    job.subscribe(events.append)
+    assert job.start() is job
+    assert job.state is JobState.RUNNING
+    _wait_until(lambda: job.progress.done >= 100)
+    threading.Thread(target=job.stop, kwargs={"force": force}).start()
+    assert job.wait(30)
+    assert job.state is JobState.STOPPED
+    done = read_contents(str(tmp_path)).done
+    assert done == set(saver.names)
+    assert 100 <= len(done) < len(ITEMS)
+    assert job.progress.done == len(done)
+    assert job.progress.in_flight == 0
+    states = [e.progress.state for e in events if e.kind == "state"]
+    assert states[:2] == [JobState.RUNNING, JobState.STOPPING] and states[-1] is JobState.STOPPED
+    job.resume()
+    assert job.wait(60) and job.state is JobState.FINISHED
+    assert sorted(set(saver.names)) == sorted(ITEMS)
+    if not force:
+        assert len(saver.names) == len(ITEMS)  # graceful: nothing ran twice
+    assert job.progress.done == len(ITEMS) and job.progress.done_before == len(done)
+
+
+def test_illegal_calls_raise_with_a_reason(tmp_path):
+    job = Job(ITEMS[:50], helpers.slow, str(tmp_path), num_procs=1,
+              shared_data={"sleep": 0.01})
+    with pytest.raises(JobStateError, match="not been started"):
+        job.stop()
+    job.start()
+    with pytest.raises(JobStateError, match="running"):
+        job.resume()
+    with pytest.raises(JobStateError, match="running"):
+        job.start()
+    job.stop()
+    job.wait()
+    with pytest.raises(JobStateError, match="stopped; use resume"):
+        job.start()
+    job.resume().wait()
+    assert job.state is JobState.FINISHED
+
+
+@pytest.mark.timeout(60)
+def test_retry_failed_after_fixing_the_function(tmp_path):
+    flag = tmp_path / "fixed"
+
+    def process(item, shared, init):
+        if item.endswith("7") and not flag.exists():
+            raise ValueError("seven")
+        return item
+
+    out = str(tmp_path / "run")
+    job = Job(ITEMS[:200], process, out, num_procs=2)
+    job.start().wait()
+    assert job.state is JobState.FINISHED and job.error is None
+    assert job.progress.failed == 20 and len(job.failures) == 20
+    flag.touch()
+    job.retry_failed().wait()
+    assert job.progress.failed == 0 and job.failures == ()
+    assert job.progress.done == 200
+    assert job.results() == ITEMS[:200]
+
+
+@pytest.mark.timeout(60)
+def test_restart_proof_progress_from_disk(tmp_path):
+    out = str(tmp_path)
+    job = Job(ITEMS[:300], helpers.fail_on_seven, out, num_procs=2)
+    job.start().wait()
+    # a new Job object (as after a kernel restart) shows the stored numbers before start
+    again = Job(ITEMS[:300], helpers.fail_on_seven, out, num_procs=2)
+    p = again.progress
+    assert again.state is JobState.IDLE
+    assert p.done == 270 and p.failed == 30 and p.total == 300
+    assert {f.item for f in again.failures} == {i for i in ITEMS[:300] if i.endswith("7")}
+    assert "270/300 done" in repr(again) and "30 failed" in repr(again)
+
+
+@pytest.mark.timeout(60)
+def test_observers_are_coalesced(tmp_path):
+    events = []
+    job = Job([f"x{n}" for n in range(200_000)], helpers.length, str(tmp_path), num_procs=2)
+    job.subscribe(events.append)
+    started = time.monotonic()
+    job.start().wait()
+    elapsed = time.monotonic() - started
+    progress_events = [e for e in events if e.kind == "progress"]
+    assert len(progress_events) <= elapsed * 10 + 5
+    assert events[-1].progress.done == 200_000
+
+
+def test_run_returns_the_live_job_for_the_same_out_path(tmp_path):
+    out = str(tmp_path)
+    job = nbmplock.run(ITEMS[:100], helpers.slow, out, num_procs=1, shared_data={"sleep": 0.01})
+    try:
+        again = nbmplock.run(ITEMS[:100], helpers.slow, out, num_procs=1)
+        assert again is job and job.reattached
+        other = Job(ITEMS[:100], helpers.slow, out, num_procs=1)
+        with pytest.raises(nbmplock.RunLockedError, match="another Job in this process"):
+            other.start()
+    finally:
+        job.stop()
+        job.wait()
+
+
+def test_observer_errors_do_not_break_the_run(tmp_path):
+    job = Job(ITEMS[:100], helpers.echo, str(tmp_path), num_procs=1)
+    job.subscribe(lambda e: 1 / 0)
+    job.start().wait()
+    assert job.state is JobState.FINISHED and job.results() == ITEMS[:100]
+
+
+def test_output_tail_and_status_text(tmp_path):
+    def noisy(item, shared, init):
+        print("hello", item)
+        return item
+
+    job = Job(["a", "b"], noisy, str(tmp_path), num_procs=1)
+    job.start().wait()
+    assert sorted(job.output) == ["[w0] hello a", "[w0] hello b"]
+    text = job.status_text()
+    assert "finished" in text and "2/2 done" in text
+
+
+def test_results_need_kept_results(tmp_path):
+    job = Job(["a"], helpers.echo, str(tmp_path), save_callback=lambda p, r, n: None)
+    job.start().wait()
+    with pytest.raises(JobStateError, match="keep_results=True"):
+        job.results()

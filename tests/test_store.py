@@ -1,0 +1,122 @@
+"""The run directory: records, torn tails, compaction, fingerprint, lock."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+import nbmplock
+from nbmplock import StoreCorruptError, mp_lock, mp_lock_value
+from nbmplock._store import RunStore, read_contents, read_snapshot, repair
+
+from . import helpers
+
+
+def _log(out):
+    return os.path.join(out, ".nbmplock", "log")
+
+
+def test_records_roundtrip_with_results_and_failures(tmp_path):
+    out = str(tmp_path)
+    store = RunStore.open(out, keep_results=True)
+    store.record_done(["a", "b\nc"], [1, {"x": 2}])
+    store.record_failures([nbmplock.Failure("d", "exception", "ValueError", "m", "tb")])
+    store.record_done(["e"], None)
+    store.close()
+    contents = read_contents(out, results=True)
+    assert contents.done == {"a", "b\nc", "e"}
+    assert contents.results == {"a": 1, "b\nc": {"x": 2}}
+    assert list(contents.failures) == ["d"]
+    # a later done mark supersedes the failure
+    store = RunStore.open(out, keep_results=False)
+    assert store.record_done(["d"]) == 1
+    store.close()
+    assert read_contents(out).failures == {}
+
+
+def test_torn_last_record_is_ignored_and_truncated(tmp_path, caplog):
+    out = str(tmp_path)
+    mp_lock(["a", "b"], helpers.echo, None, 1, out, verbose=False)
+    size = os.path.getsize(_log(out))
+    store = RunStore.open(out, keep_results=False)
+    store.record_done(["c"])
+    store.close()
+    full = os.path.getsize(_log(out))
+    for cut in range(size + 1, full):
+        os.truncate(_log(out), cut)
+        assert read_contents(out).done == {"a", "b"}
+        assert read_snapshot(out).torn_bytes == cut - size
+    with caplog.at_level(logging.WARNING, logger="nbmplock"):
+        summary = mp_lock(["a", "b", "c"], helpers.echo, None, 1, out, verbose=False)
+    assert summary.done == 1 and summary.skipped == 2
+    assert "torn last record" in caplog.text
+    assert read_contents(out).done == {"a", "b", "c"}
+
+
+def test_damage_in_the_middle_is_reported_not_skipped(tmp_path):
+    out = str(tmp_path)
+    store = RunStore.open(out, keep_results=False)
+    store.record_done(["a"])
+    store.record_done(["b"])
+    store.close()
+    data = bytearray(open(_log(out), "rb").read())
+    data[14] ^= 0xFF  # inside the first record's payload
+    open(_log(out), "wb").write(bytes(data))
+    with pytest.raises(StoreCorruptError, match="repair"):
+        read_contents(out)
+    with pytest.raises(StoreCorruptError):
+        mp_lock(["a", "b"], helpers.echo, None, 1, out, verbose=False)
+    assert open(_log(out), "rb").read() == bytes(data)  # nothing was discarded
+    assert repair(out) == 1
+    assert read_contents(out).done == {"b"}
+
+
+def test_many_small_records_are_compacted_on_open(tmp_path):
+    out = str(tmp_path)
+    items = [f"i{n}" for n in range(5000)]
+    store = RunStore.open(out, keep_results=True)
+    for n, item in enumerate(items):
+        store.record_done([item], [n])
+    store.close()
+    before = read_contents(out, results=True)
+    store = RunStore.open(out, keep_results=True)
+    store.close()
+    after = read_contents(out, results=True)
+    assert after.records < 10
+    assert after.done == before.done and after.results == before.results
+
+
+def test_changed_function_or_items_warns_on_resume(tmp_path, caplog):
+    out = str(tmp_path)
+    mp_lock(["a", "b"], helpers.echo, None, 1, out, verbose=False)
+    with caplog.at_level(logging.WARNING, logger="nbmplock"):
+        mp_lock(["a", "b"], helpers.echo, None, 1, out, verbose=False)
+    assert "changed" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="nbmplock"):
+        mp_lock(["a", "b", "c"], helpers.length, None, 1, out, verbose=False)
+    assert "process function changed" in caplog.text
+    assert "item list changed (2 -> 3 items)" in caplog.text
+
+
+def test_in_process_second_run_is_refused(tmp_path):
+    out = str(tmp_path)
+    store = RunStore.open(out, keep_results=False)
+    try:
+        with pytest.raises(nbmplock.RunLockedError, match="this process"):
+            mp_lock(["a"], helpers.echo, None, 1, out, verbose=False)
+    finally:
+        store.close()
+    assert mp_lock_value(["a"], helpers.echo, None, 1, out, verbose=False) == ["a"]
+
+
+def test_fsync_policy_is_group_commit(tmp_path, monkeypatch):
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(nbmplock._store.os, "fdatasync", lambda fd: (calls.append(fd), real(fd)))
+    items = [f"i{n}" for n in range(3000)]
+    mp_lock(items, helpers.echo, lambda p, r, n: None, 2, str(tmp_path), save_batch=1,
+            verbose=False)
+    # 3000 save batches, 3000 records: fsync only every 0.2 s and once at the end
+    assert 1 <= len(calls) < 50
