@@ -9,15 +9,20 @@ read from the worker's shared ``slot``. A replacement worker is started (its
 ``init_function`` runs again).
 
 Each worker holds at most :data:`PREFETCH` chunks (one running, one queued), so
-memory is bounded whatever the length of the item list.
+memory is bounded whatever the length of the item list. Tasks go down a pipe
+enlarged to :data:`PIPE_SIZE`, sized so that queued tasks always fit: the
+manager thread never blocks writing one (a task too big for the room left is
+written by a short-lived thread, and that worker gets nothing more meanwhile).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pickle
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,6 +39,8 @@ from ._errors import SerializationError, WorkerDiedError
 log = logging.getLogger("nbmplock")
 
 PREFETCH = 2
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032
 MAX_START_DEATHS = 3
 _SHUTDOWN_GRACE = 2.0
 
@@ -72,17 +79,29 @@ def serialize_payload(payload: tuple) -> bytes:
         ) from exc
 
 
+def _grow_pipe(fd: int) -> int:
+    """Enlarge a pipe's buffer (Linux); return its size in bytes."""
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        return fcntl.fcntl(fd, _F_GETPIPE_SZ)
+    except OSError:
+        return 1 << 16
+
+
 @dataclass(eq=False)
 class _Worker:
     index: int
     process: object
-    conn: object
-    out: object
+    tasks: object      # parent's end of the task pipe
+    conn: object       # parent's end of the result pipe
+    out: object        # parent's end of the stdout/stderr pipe
     slot: object
+    room: int          # task pipe buffer size
     chunks: deque = field(default_factory=deque)
+    queued: deque = field(default_factory=deque)  # task bytes per chunk in ``chunks``
+    sending: bool = False
     ready: bool = False
     partial: bytes = b""
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def label(self) -> str:
@@ -109,6 +128,7 @@ class LocalBackend:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._start_deaths = 0
+        self._pipe_size = PIPE_SIZE
         self._stopping = False
         self._closed = False
 
@@ -117,33 +137,54 @@ class LocalBackend:
         for index in range(self.workers):
             self._spawn(index)
 
+    @property
+    def max_task_bytes(self) -> int:
+        """Task size that always fits the task pipe with PREFETCH queued."""
+        return self._pipe_size // (PREFETCH + 1)
+
     def _spawn(self, index: int) -> None:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        task_r, task_w = self._ctx.Pipe(duplex=False)
+        res_r, res_w = self._ctx.Pipe(duplex=False)
         out_r, out_w = self._ctx.Pipe(duplex=False)
+        room = _grow_pipe(task_w.fileno())
+        _grow_pipe(res_w.fileno())
+        self._pipe_size = min(self._pipe_size, room)
         slot = self._ctx.RawArray("d", [0.0, -1.0, 0.0])
         proc = self._ctx.Process(
             target=_worker.main, name=f"nbmplock-w{index}", daemon=True,
-            args=(child_conn, out_w, self._payload, slot, self._stop_flag,
+            args=(task_r, res_w, out_w, self._payload, slot, self._stop_flag,
                   self._close_fds, self._want_results))
         proc.start()
-        child_conn.close()
-        out_w.close()
+        for end in (task_r, res_w, out_w):
+            end.close()
         os.set_blocking(out_r.fileno(), False)
-        self._workers[index] = _Worker(index, proc, parent_conn, out_r, slot)
+        self._workers[index] = _Worker(index, proc, task_w, res_r, out_r, slot, room)
+
+    def _accepts(self, w: _Worker) -> bool:
+        return w.ready and not w.sending and len(w.chunks) < PREFETCH
 
     def free_slots(self) -> int:
         if self._stopping:
             return 0
-        return sum(PREFETCH - len(w.chunks) for w in self._workers.values() if w.ready)
+        return sum(PREFETCH - len(w.chunks) for w in self._workers.values() if self._accepts(w))
 
     def submit(self, chunk: Chunk) -> None:
-        worker = min((w for w in self._workers.values() if w.ready and len(w.chunks) < PREFETCH),
+        worker = min((w for w in self._workers.values() if self._accepts(w)),
                      key=lambda w: len(w.chunks))
+        data = _worker.dumps((chunk.id, chunk.items))
         worker.chunks.append(chunk)
-        try:
-            worker.conn.send_bytes(_worker.dumps((chunk.id, chunk.items)))
-        except OSError:
-            pass  # it just died: its sentinel fires and the chunk goes back to the queue
+        worker.queued.append(len(data) + 8)
+        if sum(worker.queued) <= worker.room:
+            _send(worker.tasks, data)
+        else:  # too big for the room left: never block the manager thread on it
+            worker.sending = True
+            threading.Thread(target=self._send_slowly, args=(worker, data), daemon=True,
+                             name=f"nbmplock-send-{worker.label}").start()
+
+    def _send_slowly(self, worker: _Worker, data: bytes) -> None:
+        _send(worker.tasks, data)
+        worker.sending = False
+        self.wakeup()
 
     def in_flight(self) -> dict[str, int]:
         return {w.label: sum(len(c.items) for c in w.chunks) for w in self._workers.values()}
@@ -207,6 +248,7 @@ class LocalBackend:
         if kind == "chunk":
             _, chunk_id, n_run, results, failures, seconds = msg
             chunk = worker.chunks.popleft()
+            worker.queued.popleft()
             assert chunk.id == chunk_id, (chunk.id, chunk_id)
             events.append(ChunkDone(chunk, n_run, results, failures, seconds, worker.label))
         elif kind == "ready":
@@ -293,10 +335,8 @@ class LocalBackend:
         self._stopping = True
         workers = list(self._workers.values())
         for worker in workers:
-            try:
-                worker.conn.send_bytes(b"")
-            except OSError:
-                pass
+            if not worker.sending:
+                _send(worker.tasks, b"")
         deadline = time.monotonic() + _SHUTDOWN_GRACE
         for worker in workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -312,7 +352,7 @@ class LocalBackend:
                 pass
 
     def _close_worker(self, worker: _Worker) -> None:
-        for handle in (worker.conn, worker.out):
+        for handle in (worker.tasks, worker.conn, worker.out):
             try:
                 handle.close()
             except OSError:
@@ -321,6 +361,13 @@ class LocalBackend:
             worker.process.close()
         except ValueError:
             pass
+
+
+def _send(conn, data: bytes) -> None:
+    try:
+        conn.send_bytes(data)
+    except OSError:
+        pass  # the worker just died: its sentinel fires and its chunks are requeued
 
 
 def _kill(process) -> None:

@@ -178,11 +178,21 @@ class Job:
         self._rate_samples: deque = deque()
         self._elapsed_before = 0.0
         self.reattached = False
-        self._stored = self._read_stored()
+        self._stored_counters: Counters | None = None
+        self._stored_failures: tuple[Failure, ...] = ()
 
     # -- what the disk says before anything runs -------------------------
+    @property
+    def _stored(self) -> Counters:
+        """Counters from the run directory: shown before a start, after a restart.
+
+        Read on first use, so a Job that is started at once never reads twice.
+        """
+        if self._stored_counters is None:
+            self._stored_counters = self._read_stored()
+        return self._stored_counters
+
     def _read_stored(self) -> Counters:
-        """Counters from the run directory: shown before a start, after a restart."""
         counters = Counters()
         unique = set(self.spec.items)
         counters.total = len(unique)
@@ -192,8 +202,6 @@ class Job:
             counters.failed = sum(1 for k in contents.failures if k in unique)
             self._stored_failures = tuple(sorted(contents.failures.values(),
                                                  key=lambda f: f.time))
-        else:
-            self._stored_failures = ()
         return counters
 
     # -- state -----------------------------------------------------------
@@ -352,6 +360,8 @@ class Job:
         runner = self._runner
         if runner is not None and self._state.active and runner.store is not None:
             return tuple(sorted(runner.store.contents.failures.values(), key=lambda f: f.time))
+        if self._runner is None:
+            self._stored  # noqa: B018 - reads the failures from disk once
         return self._stored_failures
 
     @property

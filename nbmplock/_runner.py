@@ -77,9 +77,11 @@ def function_identity(fn: Callable) -> tuple[str, str]:
 
 
 def items_hash(items) -> str:
+    """A stable hash of the item list (in slices, so memory stays flat)."""
     h = hashlib.blake2b(digest_size=16)
     for start in range(0, len(items), 100_000):
-        h.update(pickle.dumps(list(items[start:start + 100_000]), protocol=4))
+        h.update("\x00".join(items[start:start + 100_000]).encode("utf-8", "surrogatepass"))
+        h.update(b"\xff")
     return h.hexdigest()
 
 
@@ -159,8 +161,7 @@ class Runner:
         else:
             self._source = _pending(items, done, only, has_dups)
         sample = items[:1000]
-        avg = sum(map(len, sample)) / len(sample) + 60
-        self._bytes_cap = max(1, int(MAX_CHUNK_BYTES / avg))
+        self._avg_item_bytes = sum(len(i.encode("utf-8", "surrogatepass")) for i in sample) / len(sample) + 8
 
     # -- control from other threads --------------------------------------
     def request_stop(self, force: bool = False) -> None:
@@ -193,6 +194,8 @@ class Runner:
         payload = WorkPayload(spec.process, spec.init_function, spec.shared_data,
                               self.opts.batch_size, self._want_results())
         self._backend = backend = self._backend_factory(payload, self.store)
+        cap = getattr(backend, "max_task_bytes", MAX_CHUNK_BYTES)
+        self._bytes_cap = max(1, int(cap / self._avg_item_bytes))
         backend.start()
         if self._stop_request:
             backend.wakeup()

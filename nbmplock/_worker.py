@@ -1,7 +1,9 @@
 """The child side: initialise once, run chunks of items, send results back.
 
-Protocol on the worker's duplex pipe (every message is ``send_bytes`` of a
-pickle; the parent writes tasks, the worker writes everything else):
+Protocol on two one-way pipes, tasks (parent -> worker) and results (worker ->
+parent); every message is ``send_bytes`` of a pickle. The task pipe is large
+enough for every task the parent may queue, so the parent never blocks on it
+and the worker needs no reader thread:
 
 parent -> worker
     ``(chunk_id, items)``  run these items, in order
@@ -31,10 +33,8 @@ import faulthandler
 import io
 import os
 import pickle
-import queue
 import signal
 import sys
-import threading
 import time
 import traceback
 from typing import Any
@@ -88,18 +88,6 @@ def _flush_output() -> None:
             stream.flush()
         except Exception:
             pass
-
-
-def _reader(conn, tasks: queue.SimpleQueue) -> None:
-    """Receive tasks as they come, so the parent never blocks sending one."""
-    try:
-        while True:
-            msg = conn.recv_bytes()
-            tasks.put(msg)
-            if not msg:
-                return
-    except (EOFError, OSError):
-        tasks.put(b"")
 
 
 def _send_chunk(conn, chunk_id, n_run, results, failures, seconds) -> None:
@@ -168,7 +156,7 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
     return min(pos, n), results, failures, time.perf_counter() - chunk_start
 
 
-def main(conn, out_conn, payload, slot, stop_flag, close_fds, want_results) -> None:
+def main(tasks, conn, out_conn, payload, slot, stop_flag, close_fds, want_results) -> None:
     """Entry point of a worker process (``multiprocess.Process`` target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with_parent()
@@ -194,10 +182,11 @@ def main(conn, out_conn, payload, slot, stop_flag, close_fds, want_results) -> N
     _flush_output()
     conn.send_bytes(dumps(("ready", os.getpid())))
 
-    tasks: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_reader, args=(conn, tasks), daemon=True).start()
     while True:
-        msg = tasks.get()
+        try:
+            msg = tasks.recv_bytes()
+        except (EOFError, OSError):
+            break  # the parent is gone
         if not msg:
             break
         chunk_id, items = pickle.loads(msg)

@@ -1,0 +1,847 @@
+"""The Dask backend: the same job on a ``distributed`` cluster.
+
+:class:`DaskBackend` implements the :class:`~nbmplock._backend.Backend`
+protocol on a ``distributed.Client`` (or a scheduler address, for which it
+creates, and later closes, its own Client). The run store, the save callback,
+the Job and the panel stay in the driver; the cluster only computes. This is
+the only module that imports ``distributed``, and only when a Dask backend is
+built: without it, :func:`import_distributed` raises
+:class:`~nbmplock.MissingDependencyError` naming ``pip install "nbmplock[dask]"``.
+
+How the protocol maps onto Dask
+-------------------------------
+Functions and ``shared_data`` once
+    ``(process, init_function, shared_data, batch_size)`` is serialised with
+    dill (``recurse=True``: notebook functions travel with their globals) and
+    scattered to every worker once (``broadcast=True``); every task takes that
+    one future as an argument, so a worker that joins later fetches it from a
+    peer. Nothing is sent per item.
+``init_function`` once per worker process
+    The task function keeps a per-process cache keyed by the run's token
+    (a new token per run). The first task of a run in a worker process loads
+    the payload and calls ``init_function`` under a lock; later tasks reuse
+    ``init_values``. A replacement worker starts with an empty cache, so init
+    runs again there. With ``threads_per_worker > 1`` the worker's threads
+    share one ``init_values``. At shutdown every worker drops the run's entry.
+One task per chunk, bounded
+    Each :meth:`DaskBackend.submit` is one task running
+    :func:`nbmplock._worker.run_chunk`, the loop every backend shares, so
+    per-item exceptions and tracebacks come back exactly as locally. At most
+    :data:`PREFETCH` tasks per worker thread are in flight; the count of
+    threads is re-read every :data:`REFRESH` seconds (adaptive clusters).
+Results streamed
+    A done callback on each future puts it on a :class:`queue.SimpleQueue`;
+    :meth:`DaskBackend.wait` blocks on that queue (and :meth:`wakeup` puts a
+    marker on it), then gathers every finished future in one call.
+Stop
+    :meth:`request_stop` returns at once; a helper thread sets a
+    ``distributed.Event`` and cancels every task the scheduler has not handed
+    to a worker yet. A running task reads the event through :class:`_StopFlag`
+    (the ``stop_flag`` of ``run_chunk``) at most every :data:`STOP_POLL`
+    seconds, so it returns after its current item with its results: a graceful
+    stop records them. :meth:`kill` cancels everything at once; Dask cannot
+    interrupt a running task thread, so such a task stops at its next poll of
+    the event and its results are discarded.
+Lost workers
+    When a worker dies mid-task, the scheduler runs the task again on another
+    worker (up to ``distributed.scheduler.allowed-failures`` times). After that
+    the future errs with ``KilledWorker``: a chunk of several units comes back
+    as :class:`ChunksLost` without blame (the runner re-sends its items one
+    unit per chunk), a chunk of one unit blames that unit (it fails). A
+    cluster without workers for :data:`NO_WORKERS_TIMEOUT` seconds, a lost
+    scheduler, or workers that keep dying before any task succeeded end the
+    run with a clear error. Never a hang.
+``item_timeout`` (best effort)
+    A Dask worker thread cannot be killed. A watchdog thread in the worker
+    raises an exception asynchronously in a task thread whose item runs
+    longer than ``item_timeout``; the item fails with kind ``"timeout"``
+    (re-raised in the driver as :class:`~nbmplock.ItemTimeoutError`) and the
+    chunk goes on. Pure-Python code is interrupted within a few milliseconds;
+    code blocked in C (``time.sleep``, I/O, a numpy call) only when that call
+    returns. The worker is never restarted for a timeout.
+Worker output
+    ``print`` (``sys.stdout`` and ``sys.stderr``) from the task's own thread,
+    ``init_function`` included, is captured per chunk and returned with the
+    results; it becomes :class:`WorkerOutput` labelled with the Dask worker's
+    name. Output written by other threads or straight to the file descriptors
+    goes to the worker's own log.
+
+Requirements on the cluster: ``nbmplock`` (this version) and ``dill`` must be
+importable on every worker, and so must every module that ``process`` or
+``init_function`` import or are defined in (functions from a notebook or
+``__main__`` travel by value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import pickle
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import CancelledError
+
+import dill
+
+from . import _worker
+from ._backend import Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput, WorkPayload
+from ._errors import (ItemTimeoutError, MissingDependencyError, SerializationError,
+                      WorkerDiedError, WorkerInitError)
+
+log = logging.getLogger("nbmplock")
+
+#: Tasks in flight per worker thread: one running, one ready to start.
+PREFETCH = 2
+#: Seconds between two reads of the stop event in a running task.
+STOP_POLL = 0.2
+#: Seconds between two looks at the cluster's size.
+REFRESH = 2.0
+#: A run whose cluster has had no worker this long fails instead of waiting.
+NO_WORKERS_TIMEOUT = 120.0
+#: Tasks lost to dying workers, before any task succeeded, that end the run.
+MAX_START_DEATHS = 3
+#: Output kept per chunk (characters); the rest is dropped with a note.
+MAX_OUTPUT_CHARS = 1 << 20
+#: A worker forgets a run's init_values after this long unused (its driver was killed).
+STALE_AFTER = 300.0
+#: Bound on each cleanup call to the cluster during shutdown (seconds).
+CALL_TIMEOUT = 10.0
+
+_WAKE = object()
+
+
+def import_distributed():
+    """Import ``distributed`` or raise :class:`MissingDependencyError` naming the extra."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise MissingDependencyError(
+            'the Dask backend needs the "distributed" package; install it with '
+            'pip install "nbmplock[dask]"', name="distributed") from exc
+    return distributed
+
+
+def serialize_payload(payload: WorkPayload) -> bytes:
+    """The functions and ``shared_data`` as one dill blob for the workers."""
+    args = (payload.process, payload.init_function, payload.shared_data, payload.batch_size)
+    try:
+        return dill.dumps(args, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot send process/init_function/shared_data to the Dask workers: "
+            f"{type(exc).__name__}: {exc}. Everything they use must be picklable by dill; "
+            "create unpicklable objects (models, sessions, locks, open files) in "
+            "init_function instead of passing them in shared_data or capturing them."
+        ) from exc
+
+
+class DaskBackend:
+    """Run chunks as tasks on a Dask cluster; driven by the runner's thread.
+
+    Parameters
+    ----------
+    payload
+        The functions and ``shared_data`` of the run.
+    backend
+        A synchronous ``distributed.Client`` (used, never closed) or a
+        scheduler address such as ``"tcp://10.0.0.5:8786"`` (a Client is
+        created and closed at :meth:`shutdown`).
+    workers
+        ``num_procs``: plan for this many worker threads (at most
+        ``PREFETCH * workers`` tasks in flight). ``None``: every thread of
+        the cluster, re-read as it grows or shrinks.
+    item_timeout
+        Seconds; best effort, see the module docstring.
+
+    Examples
+    --------
+    >>> from distributed import Client                              # doctest: +SKIP
+    >>> nbmplock.run(items, process, "runs/x", backend=Client())     # doctest: +SKIP
+    """
+
+    def __init__(self, payload: WorkPayload, backend, *, workers: int | None = None,
+                 item_timeout: float | None = None):
+        self._dd = import_distributed()
+        self._payload = payload
+        self._target = backend
+        self._want_results = payload.want_results
+        self._unit = payload.batch_size or 1
+        self._fixed_workers = workers
+        self.workers = workers or 1
+        self._timeout = item_timeout
+        self._token = uuid.uuid4().hex
+        self._stop_name = f"nbmplock-stop-{self._token}"
+        self._client = None
+        self._owns_client = False
+        self._payload_future = None
+        self._event = None
+        self._chunks: dict = {}          # task key -> (Chunk, Future); runner thread only
+        self._items_in_flight = 0
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._helpers: list[threading.Thread] = []
+        self._stopping = False
+        self._forced = False
+        self._closed = False
+        self._fatal = False
+        self._succeeded = False
+        self._start_deaths = 0
+        self._next_refresh = 0.0
+        self._no_workers_since: float | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        """Connect, send the payload to the workers once, create the stop event."""
+        dd = self._dd
+        target = self._target
+        if isinstance(target, str):
+            try:
+                self._client = dd.Client(target, set_as_default=False)
+            except (OSError, TimeoutError) as exc:
+                raise ConnectionError(f"nbmplock: cannot connect to the Dask scheduler at "
+                                      f"{target!r}: {type(exc).__name__}: {exc}") from exc
+            self._owns_client = True
+        else:
+            if getattr(target, "asynchronous", False):
+                raise TypeError("nbmplock: an asynchronous distributed.Client is not supported; "
+                                "pass a synchronous Client or the scheduler address")
+            if getattr(target, "status", "running") not in ("running", "connecting"):
+                raise RuntimeError(f"nbmplock: the Dask client is {target.status}; "
+                                   "pass a running Client or the scheduler address")
+            self._client = target
+        client = self._client
+        data = serialize_payload(self._payload)
+        n_workers, threads = _cluster_size(client)
+        if n_workers:
+            # Every current worker gets its copy now; a later one fetches it from a peer.
+            self._payload_future = client.scatter(data, broadcast=True, hash=False)
+        else:
+            # No worker yet (an adaptive cluster at zero): a task holds the payload,
+            # and the queued tasks make the cluster scale up.
+            self._payload_future = client.submit(_identity, data,
+                                                 key=f"nbmplock-payload-{self._token}")
+        self._event = dd.Event(self._stop_name, client=client)
+        self._apply_size(n_workers, threads, time.monotonic())
+
+    def free_slots(self) -> int:
+        if self._stopping:
+            return 0
+        return max(0, PREFETCH * self.workers - len(self._chunks))
+
+    def submit(self, chunk: Chunk) -> None:
+        key = f"nbmplock-{self._token}-{chunk.id}"
+        blob = pickle.dumps(chunk.items, protocol=pickle.HIGHEST_PROTOCOL)  # opaque to Dask
+        future = self._client.submit(_run_task, self._payload_future, self._token,
+                                     self._stop_name, blob, self._want_results,
+                                     self._timeout, key=key)
+        self._chunks[key] = (chunk, future)
+        self._items_in_flight += len(chunk.items)
+        future.add_done_callback(self._done.put)
+
+    def in_flight(self) -> dict[str, int]:
+        return {"dask": self._items_in_flight} if self._items_in_flight else {}
+
+    def wakeup(self) -> None:
+        self._done.put(_WAKE)
+
+    def request_stop(self) -> None:
+        """Graceful: running tasks return after their current item; queued ones are cancelled."""
+        if self._stopping or self._client is None:
+            self._stopping = True
+            return
+        self._stopping = True
+        pending = {key: future for key, (_, future) in self._chunks.items()}
+        self._helper(self._stop_tasks, pending)
+
+    def kill(self) -> list:
+        """Forced: cancel every task now; their chunks come back as lost."""
+        self._stopping = True
+        self._forced = True
+        entries = list(self._chunks.values())
+        self._chunks.clear()
+        self._items_in_flight = 0
+        if self._client is not None:
+            self._helper(self._cancel_all, [future for _, future in entries])
+        if not entries:
+            return []
+        return [ChunksLost([chunk for chunk, _ in entries], None, "killed", "stopped by force",
+                           "dask")]
+
+    def shutdown(self) -> None:
+        """Cancel what is left, free the run's state on the workers, close an owned Client."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        client = self._client
+        if client is None:
+            return
+        leftover = [future for _, future in self._chunks.values()]
+        self._chunks.clear()
+        self._items_in_flight = 0
+        keep_event = self._forced or bool(leftover)
+        if leftover:
+            self._helper(self._cancel_all, leftover)
+        for thread in self._helpers:
+            thread.join(CALL_TIMEOUT)
+        _bounded(lambda: client.run(_forget_job, self._token, on_error="ignore"),
+                 CALL_TIMEOUT)
+        if not keep_event:
+            # Tasks cancelled while running read the event until they return.
+            _bounded(self._event.clear, CALL_TIMEOUT)
+        payload, self._payload_future = self._payload_future, None
+        if payload is not None:
+            _bounded(payload.release, CALL_TIMEOUT)
+        if self._owns_client:
+            _bounded(client.close, CALL_TIMEOUT + 5)
+
+    def _helper(self, target, arg) -> None:
+        thread = threading.Thread(target=target, args=(arg,), name="nbmplock-dask-stop",
+                                  daemon=True)
+        thread.start()
+        self._helpers.append(thread)
+
+    def _stop_tasks(self, pending: dict) -> None:
+        """Set the stop event, then cancel the tasks no worker has started."""
+        try:
+            self._event.set()
+        except Exception:  # noqa: BLE001 - the cancellation below still ends the run
+            log.debug("nbmplock: could not set the Dask stop event", exc_info=True)
+        pending = {key: f for key, f in pending.items() if not f.done()}
+        if not pending:
+            return
+        try:
+            started = {key for keys in self._client.processing().values() for key in keys}
+        except Exception:  # noqa: BLE001 - then cancel everything: never wait on the unknown
+            log.debug("nbmplock: could not read the scheduler's processing tasks",
+                      exc_info=True)
+            started = set()
+        cancel = [f for key, f in pending.items() if key not in started and not f.done()]
+        if cancel:
+            try:
+                self._client.cancel(cancel)
+            except Exception:  # noqa: BLE001
+                log.warning("nbmplock: could not cancel %d Dask tasks", len(cancel),
+                            exc_info=True)
+
+    def _cancel_all(self, futures: list) -> None:
+        try:
+            self._event.set()
+        except Exception:  # noqa: BLE001
+            log.debug("nbmplock: could not set the Dask stop event", exc_info=True)
+        if futures:
+            try:
+                self._client.cancel(futures)
+            except Exception:  # noqa: BLE001
+                log.warning("nbmplock: could not cancel %d Dask tasks", len(futures),
+                            exc_info=True)
+
+    # -- waiting ---------------------------------------------------------
+    def wait(self, timeout: float | None) -> list:
+        now = time.monotonic()
+        if self._chunks:
+            tick = max(0.0, self._next_refresh - now)
+            timeout = tick if timeout is None else min(timeout, tick)
+        got = []
+        try:
+            got.append(self._done.get(timeout=timeout))
+        except queue.Empty:
+            pass
+        while True:
+            try:
+                got.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        events: list = []
+        ready = [f for f in got if f is not _WAKE]
+        if ready:
+            self._collect(ready, events)
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._refresh(now, events)
+        return events
+
+    def _take(self, future):
+        entry = self._chunks.pop(future.key, None)
+        if entry is None or entry[1] is not future:
+            if entry is not None:  # pragma: no cover - keys are unique per run
+                self._chunks[future.key] = entry
+            return None
+        self._items_in_flight -= len(entry[0].items)
+        return entry[0]
+
+    def _collect(self, futures: list, events: list) -> None:
+        finished = []
+        for future in futures:
+            if future.key not in self._chunks:
+                continue  # killed: already reported
+            status = future.status
+            if status in ("finished", "lost"):
+                finished.append(future)
+            elif status == "error":
+                self._errored(future, events)
+            elif status == "cancelled":
+                self._cancelled(future, events)
+            else:  # pragma: no cover - done callbacks fire only after pending
+                future.add_done_callback(self._done.put)
+        if not finished:
+            return
+        try:
+            values = self._client.gather(finished)
+        except Exception:  # noqa: BLE001 - one of them went wrong: take them one by one
+            values = []
+            for future in finished:
+                try:
+                    values.append(future.result())
+                except BaseException as exc:  # noqa: BLE001
+                    values.append(exc)
+        for future, value in zip(finished, values):
+            if isinstance(value, BaseException):
+                self._errored(future, events, value)
+                continue
+            chunk = self._take(future)
+            if chunk is not None:
+                self._result(chunk, value, events)
+
+    def _result(self, chunk: Chunk, value: tuple, events: list) -> None:
+        label, output, kind, body = value
+        if output:
+            lines = output.split("\n")
+            if lines[-1] == "":
+                lines.pop()
+            events.append(WorkerOutput(label, lines))
+        if kind == "chunk":
+            _, _, n_run, results, failures, seconds = pickle.loads(body)
+            self._succeeded = True
+            events.append(ChunkDone(chunk, n_run, results, failures, seconds, label))
+            return
+        if kind == "init_error":
+            events.append(InitFailed(*body, worker=label))
+        events.append(ChunkDone(chunk, 0, [] if self._want_results else None, [], 0.0, label))
+
+    def _errored(self, future, events: list, exc: BaseException | None = None) -> None:
+        if exc is None:
+            try:
+                exc = future.exception(timeout=CALL_TIMEOUT)
+            except BaseException as error:  # noqa: BLE001
+                exc = error
+        chunk = self._take(future)
+        if chunk is None:
+            return
+        if isinstance(exc, self._dd.KilledWorker):
+            blame = (chunk, 0) if len(chunk.items) <= self._unit else None
+            message = f"the Dask workers running it died (KilledWorker: {_short(exc)})"
+            events.append(ChunksLost([chunk], blame, "died", message, _last_worker(exc)))
+            if not self._succeeded:
+                self._start_deaths += 1
+                if self._start_deaths >= MAX_START_DEATHS:
+                    self._fail(events, WorkerDiedError(
+                        f"Dask workers keep dying before any task succeeded: {message}. "
+                        "Is init_function crashing the worker process?"))
+            return
+        if isinstance(exc, (CancelledError, asyncio.CancelledError)) and self._stopping:
+            events.append(ChunkDone(chunk, 0, [] if self._want_results else None, [], 0.0,
+                                    "dask"))
+            return
+        # The task function itself failed: nbmplock missing on the workers, or a bug.
+        error = WorkerInitError(
+            f"nbmplock's task failed on the Dask cluster: {type(exc).__name__}: {exc}. "
+            "Are nbmplock (this version) and dill installed on every Dask worker?")
+        error.__cause__ = exc
+        self._fail(events, error)
+        events.append(ChunksLost([chunk], None, "died", f"{type(exc).__name__}: {exc}", "dask"))
+
+    def _cancelled(self, future, events: list) -> None:
+        chunk = self._take(future)
+        if chunk is None:
+            return
+        if self._stopping:
+            events.append(ChunkDone(chunk, 0, [] if self._want_results else None, [], 0.0,
+                                    "dask"))
+            return
+        try:
+            reason = str(future.exception(timeout=1.0))
+        except BaseException as exc:  # noqa: BLE001
+            reason = str(exc)
+        self._fail(events, WorkerDiedError(
+            f"the Dask cluster cancelled nbmplock's tasks (the connection to the scheduler "
+            f"was lost, or the client or cluster was restarted or closed): {reason}"))
+        events.append(ChunksLost([chunk], None, "died", "task cancelled by the cluster", "dask"))
+
+    def _fail(self, events: list, error: BaseException) -> None:
+        if not self._fatal:
+            self._fatal = True
+            events.append(Fatal(error))
+
+    # -- the cluster's size ----------------------------------------------
+    def _refresh(self, now: float, events: list) -> None:
+        self._next_refresh = now + REFRESH
+        if self._client is None or self._client.status != "running":
+            return
+        try:
+            n_workers, threads = _cluster_size(self._client)
+        except Exception:  # noqa: BLE001 - a lost scheduler cancels the futures anyway
+            log.debug("nbmplock: could not read the Dask cluster's size", exc_info=True)
+            return
+        self._apply_size(n_workers, threads, now, events)
+
+    def _apply_size(self, n_workers: int, threads: int, now: float,
+                    events: list | None = None) -> None:
+        self._next_refresh = now + REFRESH
+        if not self._fixed_workers:
+            self.workers = max(1, threads)
+        if n_workers or not self._chunks or self._stopping:
+            self._no_workers_since = None
+            return
+        if self._no_workers_since is None:
+            self._no_workers_since = now
+            log.warning("nbmplock: the Dask cluster has no workers; waiting up to %g s",
+                        NO_WORKERS_TIMEOUT)
+        elif now - self._no_workers_since > NO_WORKERS_TIMEOUT and events is not None:
+            self._fail(events, WorkerDiedError(
+                f"the Dask cluster has had no workers for {NO_WORKERS_TIMEOUT:g} s"))
+
+
+def _cluster_size(client) -> tuple[int, int]:
+    """(workers, threads) of the cluster, from one small scheduler call."""
+    try:
+        info = client.scheduler_info(n_workers=0)
+    except TypeError:  # older distributed: no n_workers
+        info = client.scheduler_info()
+    workers = info.get("workers") or {}
+    threads = info.get("total_threads")
+    if threads is None:
+        threads = sum(w.get("nthreads", 0) for w in workers.values())
+    return int(info.get("n_workers", len(workers))), int(threads)
+
+
+def _bounded(call, seconds: float) -> None:
+    """Run ``call`` in a daemon thread; give up waiting after ``seconds``."""
+    def target():
+        try:
+            call()
+        except Exception:  # noqa: BLE001 - cleanup is best effort
+            log.debug("nbmplock: Dask cleanup call failed", exc_info=True)
+    thread = threading.Thread(target=target, name="nbmplock-dask-cleanup", daemon=True)
+    thread.start()
+    thread.join(seconds)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text.split(" Inspecting worker logs")[0]
+
+
+def _last_worker(exc: BaseException) -> str:
+    worker = getattr(exc, "last_worker", None)
+    name = getattr(worker, "name", None)
+    if name is None:
+        return "dask"
+    return f"dask-{name}" if isinstance(name, int) else str(name)
+
+
+def _identity(value):
+    return value
+
+
+# ==========================================================================
+# The worker side: runs inside Dask worker processes
+# ==========================================================================
+
+class _JobCache:
+    """One run's functions and ``init_values`` in one worker process."""
+
+    __slots__ = ("lock", "ready", "process", "shared_data", "batch_size", "init_values", "error",
+                 "active", "last_used")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ready = False
+        self.process = self.shared_data = self.batch_size = self.init_values = None
+        self.error: tuple | None = None
+        self.active = 0
+        self.last_used = time.monotonic()
+
+
+_jobs: dict[str, _JobCache] = {}
+_jobs_lock = threading.Lock()
+_stopped: OrderedDict = OrderedDict()  # tokens of runs seen stopped or ended, newest last
+_STOPPED_KEEP = 1024
+_local = threading.local()
+
+
+def _job(token: str, payload: bytes) -> _JobCache:
+    """This process's cache entry of the run; loads and initialises it the first time.
+
+    The caller holds it (``active``) until :func:`_release`. A new run evicts the
+    entries of runs idle for :data:`STALE_AFTER` seconds: those of drivers that
+    were killed before their shutdown could clean up.
+    """
+    with _jobs_lock:
+        job = _jobs.get(token)
+        if job is None:
+            now = time.monotonic()
+            for old_token, old in list(_jobs.items()):
+                if not old.active and now - old.last_used > STALE_AFTER:
+                    del _jobs[old_token]
+            job = _jobs[token] = _JobCache()
+        job.active += 1
+    with job.lock:
+        if not job.ready:
+            try:
+                process, init_function, shared_data, batch_size = dill.loads(payload)
+                init_values = init_function(shared_data) if init_function is not None else {}
+            except BaseException as exc:  # noqa: BLE001 - reported to the driver
+                job.error = _worker.describe_exception(exc)
+            else:
+                job.process, job.shared_data = process, shared_data
+                job.batch_size, job.init_values = batch_size, init_values
+            job.ready = True
+    return job
+
+
+def _release(job: _JobCache) -> None:
+    with _jobs_lock:
+        job.active -= 1
+        job.last_used = time.monotonic()
+
+
+def _mark_stopped(token: str) -> None:
+    with _jobs_lock:
+        _stopped[token] = None
+        while len(_stopped) > _STOPPED_KEEP:
+            _stopped.popitem(last=False)
+
+
+def _forget_job(token: str) -> bool:
+    """Run on every worker at shutdown: drop the run's ``init_values``."""
+    _mark_stopped(token)
+    with _jobs_lock:
+        return _jobs.pop(token, None) is not None
+
+
+class _StopFlag:
+    """``stop_flag`` for ``run_chunk``: reads the run's Dask Event at most every STOP_POLL s."""
+
+    def __init__(self, token: str, event_name: str):
+        self._token = token
+        self._name = event_name
+        self._event = None
+        self._next = time.monotonic() + STOP_POLL
+
+    @property
+    def value(self) -> bool:
+        if self._token in _stopped:
+            return True
+        if time.monotonic() < self._next:
+            return False
+        try:
+            if self._event is None:
+                from distributed import Event
+                self._event = Event(self._name)
+            stopped = bool(self._event.is_set())
+        except Exception:  # noqa: BLE001 - cannot ask: keep going; a cancel still ends us
+            stopped = False
+        self._next = time.monotonic() + STOP_POLL
+        if stopped:
+            _mark_stopped(self._token)
+        return stopped
+
+
+class _Capture:
+    """Text written to sys.stdout/sys.stderr by one task's thread."""
+
+    def __init__(self):
+        self.parts: list[str] = []
+        self.size = 0
+        self.dropped = 0
+
+    def write(self, text: str) -> None:
+        if self.size + len(text) > MAX_OUTPUT_CHARS:
+            self.dropped += len(text)
+            return
+        self.parts.append(text)
+        self.size += len(text)
+
+    def text(self) -> str:
+        out = "".join(self.parts)
+        if self.dropped:
+            if out and not out.endswith("\n"):
+                out += "\n"
+            out += f"[nbmplock: {self.dropped:,} more characters of output dropped]\n"
+        return out
+
+
+class _ThreadRouter:
+    """Stands in for sys.stdout/sys.stderr: a task thread's writes go to its capture."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        capture = getattr(_local, "capture", None)
+        if capture is not None:
+            capture.write(text)
+            return len(text)
+        if self._stream is None:
+            return len(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        if getattr(_local, "capture", None) is None and self._stream is not None:
+            self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+_router_lock = threading.Lock()
+
+
+def _install_router() -> None:
+    if isinstance(sys.stdout, _ThreadRouter) and isinstance(sys.stderr, _ThreadRouter):
+        return
+    with _router_lock:
+        for name in ("stdout", "stderr"):
+            if not isinstance(getattr(sys, name), _ThreadRouter):
+                setattr(sys, name, _ThreadRouter(getattr(sys, name)))
+
+
+def _worker_label() -> str:
+    try:
+        from distributed import get_worker
+        name = get_worker().name
+    except Exception:  # noqa: BLE001 - not in a worker (tests call the task directly)
+        return f"pid{os.getpid()}"
+    return f"dask-{name}" if isinstance(name, int) else str(name)
+
+
+# -- item_timeout: interrupt an overrunning item in its thread -------------
+
+class _Interrupt(BaseException):
+    """Raised asynchronously in a task thread whose item overran ``item_timeout``.
+
+    A BaseException, so that ``except Exception`` in user code does not swallow it.
+    """
+
+
+def _async_raise(thread_id: int, exc_type) -> None:
+    """Raise ``exc_type`` in thread ``thread_id`` at its next bytecode; None clears it."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type) if exc_type is not None else None)
+
+
+class _Watchdog:
+    """One thread per worker process that interrupts items past their deadline.
+
+    ``arm`` and ``disarm`` bracket each call of ``process``; the watchdog fires at
+    most once per arm, and only while armed (under the same lock), and ``disarm``
+    clears an exception fired but not yet delivered, so it never escapes the call.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._armed: dict[int, list] = {}
+        self._thread: threading.Thread | None = None
+
+    def arm(self, thread_id: int, deadline: float) -> None:
+        with self._cond:
+            self._armed[thread_id] = [deadline, False]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="nbmplock-timeout",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self, thread_id: int) -> None:
+        with self._cond:
+            entry = self._armed.pop(thread_id, None)
+            if entry is not None and entry[1]:
+                _async_raise(thread_id, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                soonest = None
+                for thread_id, entry in self._armed.items():
+                    if entry[1]:
+                        continue
+                    if now >= entry[0]:
+                        _async_raise(thread_id, _Interrupt)
+                        entry[1] = True
+                    elif soonest is None or entry[0] < soonest:
+                        soonest = entry[0]
+                self._cond.wait(None if soonest is None else soonest - now)
+
+
+_watchdog = _Watchdog()
+
+
+def _with_timeout(process, seconds: float, slot: list):
+    """``process`` interrupted after ``seconds``; also the set of positions that were."""
+    timed_out: set = set()
+
+    def guarded(item, shared_data, init_values):
+        thread_id = threading.get_ident()
+        try:
+            _watchdog.arm(thread_id, time.monotonic() + seconds)
+            try:
+                return process(item, shared_data, init_values)
+            finally:
+                _watchdog.disarm(thread_id)
+        except _Interrupt:
+            timed_out.add(int(slot[1]))
+            raise ItemTimeoutError(
+                f"the item ran longer than item_timeout={seconds:g} s and was interrupted "
+                "in its Dask worker thread") from None
+
+    return guarded, timed_out
+
+
+def _run_task(payload: bytes, token: str, stop_name: str, blob: bytes, want_results: bool,
+              item_timeout: float | None) -> tuple:
+    """One chunk on a Dask worker: ``(label, output, kind, body)``.
+
+    ``kind`` is ``"chunk"`` (``body`` is the pickled message of
+    :mod:`nbmplock._worker`'s protocol), ``"init_error"`` (``body`` is
+    ``describe_exception(exc)``) or ``"stopped"`` (the run was stopped before
+    this task started; nothing ran).
+    """
+    label = _worker_label()
+    if token in _stopped:
+        return label, "", "stopped", None
+    _install_router()
+    capture = _local.capture = _Capture()
+    job = None
+    try:
+        job = _job(token, payload)
+        if job.error is not None:
+            return label, capture.text(), "init_error", job.error
+        items = pickle.loads(blob)
+        slot = [0.0, -1.0, 0.0]
+        process, timed_out = job.process, None
+        if item_timeout is not None:
+            process, timed_out = _with_timeout(job.process, item_timeout, slot)
+        n_run, results, failures, seconds = _worker.run_chunk(
+            items, process, job.shared_data, job.init_values, job.batch_size, slot,
+            _StopFlag(token, stop_name))
+    finally:
+        _local.capture = None
+        if job is not None:
+            _release(job)
+    if timed_out:
+        failures = [(*f[:7], "timeout") if f[0] in timed_out else f for f in failures]
+    msg = ("chunk", 0, n_run, results if want_results else None, failures, seconds)
+    try:
+        body = _worker.dumps(msg)
+    except Exception:  # noqa: BLE001 - an unpicklable result fails its item only
+        if msg[3] is None:
+            raise
+        body = _worker.dumps(_worker._without_unpicklable(msg))
+    return label, capture.text(), "chunk", body
