@@ -1,0 +1,135 @@
+"""Command line: ``python -m bench [--quick] [--workers N] [--repeats N] [--only W1,W3] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .analysis import summarise
+from .cases import WORKLOADS, WORKLOADS_BY_KEY, Settings, WorkloadSpec
+from .harness import Sample, run_workload
+from .loadmeter import foreign_share, read_cpu
+from .report import environment, table_lines, write_all
+from .workloads import FULL_SIZES, QUICK_SIZES, calibrate_loops_per_ms
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark nbmplock against its peers.")
+    parser.add_argument("--quick", action="store_true", help="scaled-down sizes, ~2 minutes")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--repeats", type=int, help="runs per library (default 5, or 3 with --quick)")
+    parser.add_argument("--only", help="comma-separated workloads to run, e.g. W1,W3 (default all)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where temporary run directories go (default: the system temp dir)")
+    parser.add_argument("--timeout", type=float,
+                        help="per-run timeout in seconds, 0 for none (default 1800, or 300 with --quick)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    try:
+        args.workloads = select_workloads(args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def select_workloads(only: Optional[str]) -> list[WorkloadSpec]:
+    """The workloads named in ``--only`` (all when empty), in suite order."""
+    if not only:
+        return list(WORKLOADS)
+    wanted = {key.strip().upper() for key in only.split(",") if key.strip()}
+    unknown = wanted - WORKLOADS_BY_KEY.keys()
+    if unknown:
+        raise ValueError(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS_BY_KEY)}")
+    return [w for w in WORKLOADS if w.key in wanted]
+
+
+def log(line: str) -> None:
+    """Progress output."""
+    print(line, flush=True)
+
+
+@dataclass
+class SuiteRun:
+    """Everything one run of the suite collected."""
+
+    samples: list[Sample] = field(default_factory=list)
+    notes: dict[tuple[str, str], str] = field(default_factory=dict)  # (workload, library) -> note, table order
+    foreign_cpu: dict[str, Optional[float]] = field(default_factory=dict)
+    workload_seconds: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def run_suite(workloads: Sequence[WorkloadSpec], settings: Settings, repeats: int) -> SuiteRun:
+    """Run *workloads* one after the other; Ctrl-C stops early but keeps what was measured."""
+    suite = SuiteRun()
+    try:
+        for spec in workloads:
+            log(f"== {spec.key} {spec.title} ==")
+            before = read_cpu()
+            cases = spec.build(settings)
+            suite.notes.update({(c.workload, c.library): c.note for c in cases})
+            run_workload(cases, repeats, settings.timeout, suite.samples.append, log)
+            del cases
+            after = read_cpu()
+            share = foreign_share(before, after)
+            suite.foreign_cpu[spec.key] = share
+            if before and after:
+                suite.workload_seconds[spec.key] = after.wall - before.wall
+                busy = "" if share is None else f"; other processes used {share:.0%} of the CPUs"
+                log(f"   {spec.key} took {after.wall - before.wall:.0f} s{busy}")
+    except KeyboardInterrupt:
+        suite.interrupted = True
+        log("interrupted: writing partial results")
+    return suite
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the selected workloads and write the report; return the exit status."""
+    args = parse_args(argv)
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    repeats = args.repeats or (3 if args.quick else 5)
+    timeout = args.timeout if args.timeout is not None else (300.0 if args.quick else 1800.0)
+    started = time.perf_counter()
+
+    log("calibrating the busy loop ...")
+    settings = Settings(sizes, args.workers, calibrate_loops_per_ms(), args.scratch, timeout or None)
+    log(f"  {settings.loops_per_ms:,.0f} loops per ms")
+    suite = run_suite(args.workloads, settings, repeats)
+
+    meta = {
+        "environment": environment(),
+        "quick": args.quick,
+        "workers": args.workers,
+        "repeats": repeats,
+        "workloads": [w.key for w in args.workloads],
+        "sizes": vars(sizes),
+        "sizes_text": sizes.describe(),
+        "full_sizes_text": FULL_SIZES.describe(),
+        "loops_per_ms": settings.loops_per_ms,
+        "timeout_seconds": settings.timeout,
+        "elapsed_seconds": time.perf_counter() - started,
+        "workload_seconds": suite.workload_seconds,
+        "foreign_cpu": suite.foreign_cpu,
+        "interrupted": suite.interrupted,
+    }
+    rows = summarise(suite.samples, args.workers, order=list(suite.notes))
+    paths = write_all(args.out, meta, rows, suite.samples, suite.notes)
+    log("")
+    log("\n".join(table_lines(rows, suite.notes)))
+    log("")
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 130 if suite.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
