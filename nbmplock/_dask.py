@@ -12,10 +12,13 @@ How the protocol maps onto Dask
 -------------------------------
 Functions and ``shared_data`` once
     ``(process, init_function, shared_data, batch_size)`` is serialised with
-    dill (``recurse=True``: notebook functions travel with their globals) and
-    scattered to every worker once (``broadcast=True``); every task takes that
-    one future as an argument, so a worker that joins later fetches it from a
-    peer. Nothing is sent per item.
+    dill (``recurse=True``: notebook functions travel with their globals) into
+    one blob, sent to the cluster once as the result of a tiny task, and every
+    chunk task takes that one future as an argument: each worker fetches it
+    once (from a peer) and keeps it while it has chunks to run. Not
+    ``scatter(broadcast=True)``: scattered data whose every holder dies is lost
+    for good and cancels every chunk, while a task's result is computed again.
+    Nothing is sent per item or per chunk.
 ``init_function`` once per worker process
     The task function keeps a per-process cache keyed by the run's token
     (a new token per run). The first task of a run in a worker process loads
@@ -217,14 +220,11 @@ class DaskBackend:
         client = self._client
         data = serialize_payload(self._payload)
         n_workers, threads = _cluster_size(client)
-        if n_workers:
-            # Every current worker gets its copy now; a later one fetches it from a peer.
-            self._payload_future = client.scatter(data, broadcast=True, hash=False)
-        else:
-            # No worker yet (an adaptive cluster at zero): a task holds the payload,
-            # and the queued tasks make the cluster scale up.
-            self._payload_future = client.submit(_identity, data,
-                                                 key=f"nbmplock-payload-{self._token}")
+        # One task's result, not scattered data: when every worker holding it dies,
+        # the scheduler computes it again (lost scattered data would cancel every
+        # chunk). Each worker fetches it once, from a peer, for its first chunk.
+        self._payload_future = client.submit(_identity, data,
+                                             key=f"nbmplock-payload-{self._token}")
         self._event = dd.Event(self._stop_name, client=client)
         self._apply_size(n_workers, threads, time.monotonic())
 
@@ -444,9 +444,8 @@ class DaskBackend:
                         f"Dask workers keep dying before any task succeeded: {message}. "
                         "Is init_function crashing the worker process?"))
             return
-        if isinstance(exc, (CancelledError, asyncio.CancelledError)) and self._stopping:
-            events.append(ChunkDone(chunk, 0, [] if self._want_results else None, [], 0.0,
-                                    "dask"))
+        if isinstance(exc, (CancelledError, asyncio.CancelledError)):
+            self._cancelled_chunk(chunk, exc, events)
             return
         # The task function itself failed: nbmplock missing on the workers, or a bug.
         error = WorkerInitError(
@@ -460,17 +459,22 @@ class DaskBackend:
         chunk = self._take(future)
         if chunk is None:
             return
-        if self._stopping:
+        try:
+            future.result(timeout=1.0)
+            reason = None
+        except BaseException as exc:  # noqa: BLE001 - the cancellation's reason
+            reason = exc
+        self._cancelled_chunk(chunk, reason, events)
+
+    def _cancelled_chunk(self, chunk: Chunk, reason, events: list) -> None:
+        if self._stopping:  # cancelled by request_stop: the chunk did not run
             events.append(ChunkDone(chunk, 0, [] if self._want_results else None, [], 0.0,
                                     "dask"))
             return
-        try:
-            reason = str(future.exception(timeout=1.0))
-        except BaseException as exc:  # noqa: BLE001
-            reason = str(exc)
         self._fail(events, WorkerDiedError(
-            f"the Dask cluster cancelled nbmplock's tasks (the connection to the scheduler "
-            f"was lost, or the client or cluster was restarted or closed): {reason}"))
+            "the Dask cluster cancelled nbmplock's tasks (the connection to the scheduler "
+            "was lost, or the client or cluster was restarted or closed)"
+            + (f": {reason}" if reason else "")))
         events.append(ChunksLost([chunk], None, "died", "task cancelled by the cluster", "dask"))
 
     def _fail(self, events: list, error: BaseException) -> None:

@@ -17,18 +17,20 @@ import threading
 import time
 import weakref
 from collections import deque
+from itertools import repeat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._errors import JobStateError
-from ._runner import Counters, Runner
-from ._store import Failure, read_contents, read_snapshot
+from ._runner import Counters, Runner, items_hash
+from ._store import Failure, read_complete, read_contents
 from ._validate import Spec, make_options, make_spec
 
 log = logging.getLogger("nbmplock")
 
 OUTPUT_TAIL = 500
+_MISSING = object()
 _RATE_WINDOW = 10.0
 
 
@@ -194,6 +196,10 @@ class Job:
 
     def _read_stored(self) -> Counters:
         counters = Counters()
+        complete = read_complete(self.out_path)
+        if complete is not None and complete[0] == items_hash(self.spec.items):
+            counters.total = counters.done_before = complete[2]
+            return counters
         unique = set(self.spec.items)
         counters.total = len(unique)
         if os.path.isdir(self.out_path):
@@ -384,19 +390,21 @@ class Job:
             raise JobStateError(f"cannot read results(): {_WHY[self._state]}")
         runner = self._runner
         if runner is not None and runner.store is not None and runner.store.contents.results is not None:
-            contents = runner.store.contents
+            stored = runner.store.contents.results
         else:
-            contents = read_contents(self.out_path, results=True)
-        stored = contents.results
-        if len(stored) < len(contents.done):
-            lost = sum(1 for item in set(self.spec.items)
-                       if item in contents.done and item not in stored)
-            if lost:
-                log.warning("nbmplock: %d items of %r were recorded done by a run that did not "
-                            "keep results (mp_lock, or a save_callback); their results are None",
-                            lost, self.out_path)
-        get = stored.get
-        return [get(item) for item in self.spec.items]
+            stored = read_contents(self.out_path, results=True, names=False).results
+        missing = _MISSING
+        out = list(map(stored.get, self.spec.items, repeat(missing)))
+        n_missing = out.count(missing)
+        if n_missing:
+            failed = {f.item for f in self.failures}
+            out = [None if r is missing else r for r in out]
+            unexplained = n_missing - sum(1 for item in self.spec.items if item in failed)
+            if unexplained > 0:
+                log.warning("nbmplock: %d items of %r have no stored result (not done yet, or "
+                            "done by a run that kept no results, such as mp_lock); their "
+                            "results are None", unexplained, self.out_path)
+        return out
 
     # -- display ---------------------------------------------------------
     def status_text(self) -> str:

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import filterfalse, islice
 
 from ._backend import Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput, WorkPayload
 from ._errors import (ItemTimeoutError, RemoteTraceback, SerializationError, WorkerDiedError,
@@ -123,45 +123,55 @@ class Runner:
     def prepare(self) -> None:
         """Lock the run directory and plan the work. Raises before any work starts."""
         spec = self.spec
-        keep = self.opts.keep_results
         fn_name, fn_hash = function_identity(spec.process)
-        fp = Fingerprint(fn_name, fn_hash, len(spec.items), items_hash(spec.items))
-        self.fingerprint_changes = fp.changes_from(read_fingerprint(spec.out_path))
-        self.store = store = RunStore.open(spec.out_path, keep_results=keep)
+        self._items_hash = items_hash(spec.items)
+        previous = read_fingerprint(spec.out_path)
+        self.store = store = RunStore.open(spec.out_path, keep_results=self.opts.keep_results,
+                                           items_hash=self._items_hash)
         try:
+            n_distinct = self._plan(previous)
+            fp = Fingerprint(fn_name, fn_hash, len(spec.items), self._items_hash, n_distinct)
+            self.fingerprint_changes = fp.changes_from(previous)
             for change in self.fingerprint_changes:
                 log.warning("%s: resuming, but %s since the last run; items recorded done "
                             "are not run again", spec.out_path, change)
-            store.write_fingerprint(fp)
-            self._plan()
+            if fp != previous:
+                store.write_fingerprint(fp)
         except BaseException:
             store.close()
             self.store = None
             raise
 
-    def _plan(self) -> None:
+    def _plan(self, previous: Fingerprint | None) -> int:
+        """Count what is done and line up what is not; returns the distinct item count."""
         items = self.spec.items
         c = self.counters
-        done = self.store.contents.done
-        failures = self.store.contents.failures
-        unique = set(items)
-        has_dups = len(unique) != len(items)
-        c.total = len(unique)
-        c.done_before = len(unique.intersection(done)) if done else 0
-        c.failed = sum(1 for k in failures if k in unique) if failures else 0
-        only = None
+        contents = self.store.contents
+        if contents.complete is not None:  # the log says: every item of this list is done
+            c.total = c.done_before = contents.complete[2]
+            c.to_do = 0
+            return c.total
+        if previous is not None and previous.items_hash == self._items_hash and previous.n_distinct:
+            n_distinct = previous.n_distinct
+        else:
+            n_distinct = len(set(items))
+        done, failures = contents.done, contents.failures
+        pending = list(filterfalse(done.__contains__, items)) if done else None
+        if n_distinct != len(items):  # duplicates: each distinct item runs once
+            pending = list(dict.fromkeys(items if pending is None else pending))
+        left = n_distinct if pending is None else len(pending)
+        c.total = n_distinct
+        c.done_before = n_distinct - left
+        if failures:
+            c.failed = sum(map(failures.__contains__, items if pending is None else pending))
         if self.mode == "failed":
-            only = {k for k in failures if k in unique}
-            c.to_do = len(only)
-        else:
-            c.to_do = c.total - c.done_before
-        del unique
-        if not done and not has_dups and only is None:
-            self._source = iter(items)
-        else:
-            self._source = _pending(items, done, only, has_dups)
+            pending = [i for i in (items if pending is None else pending) if i in failures]
+            left = len(pending)
+        c.to_do = left
+        self._source = iter(items if pending is None else pending)
         sample = items[:1000]
         self._avg_item_bytes = sum(len(i.encode("utf-8", "surrogatepass")) for i in sample) / len(sample) + 8
+        return n_distinct
 
     # -- control from other threads --------------------------------------
     def request_stop(self, force: bool = False) -> None:
@@ -437,6 +447,8 @@ class Runner:
             self._listener(self.counters, output, failures)
 
     def _finish(self) -> None:
+        """Save what finished, end the workers, mark completion, commit, unlock."""
+        c = self.counters
         try:
             if self._buf_names and not self._callback_broken:
                 self._flush(len(self._buf_names))
@@ -444,25 +456,16 @@ class Runner:
             try:
                 if self._backend is not None:
                     self._backend.shutdown()
+                c.in_flight = 0
+                c.in_flight_by_worker = {}
+                if (self._error is None and c.done_before + c.done == c.total
+                        and self.store.contents.complete is None):
+                    self.store.record_complete(self._items_hash, len(self.spec.items), c.total)
             finally:
-                self.counters.in_flight = 0
-                self.counters.in_flight_by_worker = {}
                 try:
                     self.store.close()
                 finally:
                     self._publish(force=True)
-
-
-def _pending(items, done, only, has_dups) -> Iterator[str]:
-    seen: set | None = set() if has_dups else None
-    for item in items:
-        if item in done or (only is not None and item not in only):
-            continue
-        if seen is not None:
-            if item in seen:
-                continue
-            seen.add(item)
-        yield item
 
 
 def _rebuild(exc_type: str, message: str, tb: str, exc_bytes: bytes | None) -> BaseException:

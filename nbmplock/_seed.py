@@ -13,7 +13,8 @@ from typing import Any
 
 from ._errors import InvalidArgumentsError
 from ._job import Job, RunSummary
-from ._store import read_contents
+from ._runner import items_hash
+from ._store import read_complete, read_contents
 from ._validate import check_items, check_out_path, positive_int
 
 log = logging.getLogger("nbmplock")
@@ -121,5 +122,8 @@ def is_mp_lock_completed(data_list: Sequence[str], out_path: str) -> bool:
     """True when every item of ``data_list`` is recorded done in ``out_path``."""
     items = check_items("data_list", data_list)
     out_path = check_out_path("out_path", out_path)
+    complete = read_complete(out_path)
+    if complete is not None and complete[0] == items_hash(items):
+        return True
     done = read_contents(out_path).done
-    return bool(done) and set(items) <= done
+    return bool(done) and done.issuperset(items)

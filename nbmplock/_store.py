@@ -61,7 +61,9 @@ SYNC_INTERVAL = 0.2
 
 _HEADER = struct.Struct("<2sBBII")
 _MAGIC = b"NL"
-_DONE, _FAIL = 1, 2
+_DONE, _FAIL, _COMPLETE = 1, 2, 3
+_COMPLETE_BODY = struct.Struct("<32sQQ")
+_COMPLETE_SIZE = _HEADER.size + _COMPLETE_BODY.size
 _HAS_RESULTS = 1
 _U32 = struct.Struct("<I")
 _COMPACT_MIN_RECORDS = 4096
@@ -98,6 +100,7 @@ class Fingerprint:
     function_hash: str
     n_items: int
     items_hash: str
+    n_distinct: int | None = None
 
     def changes_from(self, old: Fingerprint | None) -> list[str]:
         """Plain-language differences from the run recorded before."""
@@ -121,6 +124,29 @@ class Contents:
     records: int = 0
     valid_bytes: int = 0
     torn_bytes: int = 0
+    # Set by RunStore.open when the log ends with a COMPLETE record for the run's
+    # own item list: (items_hash, n_items, n_distinct); nothing else was loaded.
+    complete: tuple | None = None
+
+
+def read_complete(out_path: str) -> tuple[str, int, int] | None:
+    """The COMPLETE record ending the log, if it does: (items_hash, n_items, n_distinct)."""
+    path = os.path.join(state_dir(out_path), "log")
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size < _COMPLETE_SIZE:
+                return None
+            f.seek(size - _COMPLETE_SIZE)
+            tail = f.read(_COMPLETE_SIZE)
+    except OSError:
+        return None
+    buf = memoryview(tail)
+    if _valid_at(buf, 0) != _COMPLETE_SIZE or tail[2] != _COMPLETE:
+        return None
+    items_hash, n_items, n_distinct = _COMPLETE_BODY.unpack_from(tail, _HEADER.size)
+    return items_hash.decode("ascii"), n_items, n_distinct
 
 
 def state_dir(out_path: str) -> str:
@@ -165,8 +191,13 @@ def _next_valid(buf: memoryview, start: int) -> int | None:
     return None
 
 
-def scan(data: bytes, *, results: bool, skip_damaged: bool = False) -> Contents:
-    """Parse a log image. See the module docstring for the damage rules."""
+def scan(data: bytes, *, results: bool, names: bool = True,
+         skip_damaged: bool = False) -> Contents:
+    """Parse a log image. See the module docstring for the damage rules.
+
+    ``names=False`` skips building the done-set (for callers that only want
+    results).
+    """
     buf = memoryview(data)
     done: set = set()
     res: dict | None = {} if results else None
@@ -191,10 +222,11 @@ def scan(data: bytes, *, results: bool, skip_damaged: bool = False) -> Contents:
         payload = buf[pos + _HEADER.size:end]
         if kind == _DONE:
             (names_len,) = _U32.unpack_from(payload, 0)
-            names = pickle.loads(payload[4:4 + names_len])
-            done.update(names)
+            done_names = pickle.loads(payload[4:4 + names_len])
+            if names:
+                done.update(done_names)
             if res is not None and flags & _HAS_RESULTS:
-                res.update(zip(names, pickle.loads(payload[4 + names_len:])))
+                res.update(zip(done_names, pickle.loads(payload[4 + names_len:])))
         elif kind == _FAIL:
             for row in pickle.loads(payload):
                 failure = Failure(*row)
@@ -219,7 +251,7 @@ def read_fingerprint(out_path: str) -> Fingerprint | None:
         with open(os.path.join(state_dir(out_path), "job.json"), encoding="utf-8") as f:
             data = json.load(f)
         return Fingerprint(data["function"], data["function_hash"],
-                           data["n_items"], data["items_hash"])
+                           data["n_items"], data["items_hash"], data.get("n_distinct"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -277,9 +309,10 @@ def read_snapshot(out_path: str) -> Snapshot:
                     last, lock_holder(out_path), contents.torn_bytes)
 
 
-def read_contents(out_path: str, *, results: bool = False) -> Contents:
+def read_contents(out_path: str, *, results: bool = False, names: bool = True) -> Contents:
     """The done-set (and results) of a run directory, without taking its lock."""
-    return scan(_read_log(os.path.join(state_dir(out_path), "log")), results=results)
+    return scan(_read_log(os.path.join(state_dir(out_path), "log")), results=results,
+                names=names)
 
 
 class RunStore:
@@ -306,8 +339,11 @@ class RunStore:
 
     # -- opening ---------------------------------------------------------
     @classmethod
-    def open(cls, out_path: str, *, keep_results: bool) -> RunStore:
+    def open(cls, out_path: str, *, keep_results: bool, items_hash: str | None = None) -> RunStore:
         """Lock ``out_path`` and load what earlier runs recorded.
+
+        When the log ends with a COMPLETE record for ``items_hash`` nothing is
+        loaded: ``contents.complete`` says every item is done.
 
         Raises :class:`RunLockedError` when a live run holds it, and
         :class:`InvalidArgumentsError` when it cannot be written.
@@ -333,16 +369,18 @@ class RunStore:
             os.ftruncate(lock_fd, 0)
             os.pwrite(lock_fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
             log_path = os.path.join(sdir, "log")
+            complete = read_complete(out_path)
+            if complete is not None and complete[0] == items_hash:
+                contents = Contents(set(), None, {}, complete=complete)
+                return cls(out_path, lock_fd, contents, keep_results)
             data = _read_log(log_path)
-            contents = scan(data, results=True)
+            contents = scan(data, results=keep_results)
             if contents.torn_bytes:
                 log.warning("%s: ignoring a torn last record (%d bytes) left by a crash",
                             out_path, contents.torn_bytes)
                 os.truncate(log_path, contents.valid_bytes)
             if contents.records >= _COMPACT_MIN_RECORDS:
-                _compact(log_path, contents)
-            if not keep_results:
-                contents.results = None
+                _compact(log_path, contents if keep_results else scan(data, results=True))
             return cls(out_path, lock_fd, contents, keep_results)
         except BaseException:
             os.close(lock_fd)
@@ -398,6 +436,11 @@ class RunStore:
         self._append(_frame(_FAIL, 0, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
         for f in failures:
             self.contents.failures[f.item] = f
+
+    def record_complete(self, items_hash: str, n_items: int, n_distinct: int) -> None:
+        """Every item of the list with ``items_hash`` is done: end the log saying so."""
+        body = _COMPLETE_BODY.pack(items_hash.encode("ascii"), n_items, n_distinct)
+        self._append(_frame(_COMPLETE, 0, body))
 
     def write_fingerprint(self, fp: Fingerprint) -> None:
         path = os.path.join(self.dir, "job.json")

@@ -120,3 +120,36 @@ def test_fsync_policy_is_group_commit(tmp_path, monkeypatch):
             verbose=False)
     # 3000 save batches, 3000 records: fsync only every 0.2 s and once at the end
     assert 1 <= len(calls) < 50
+
+
+def test_a_finished_run_ends_the_log_with_complete_and_reruns_read_only_that(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    items = [f"i{n}" for n in range(300)]
+    mp_lock(items, helpers.echo, None, 2, out, verbose=False)
+    from nbmplock import _store
+    assert _store.read_complete(out)[1:] == (300, 300)
+    scans = []
+    real_scan = _store.scan
+    monkeypatch.setattr(_store, "scan", lambda *a, **k: (scans.append(1), real_scan(*a, **k))[1])
+    summary = mp_lock(items, helpers.echo, None, 2, out, verbose=False)
+    assert summary.done == 0 and summary.skipped == 300 and scans == []
+    assert nbmplock.is_mp_lock_completed(items, out) and scans == []
+    size = os.path.getsize(_log(out))
+    mp_lock(items, helpers.echo, None, 2, out, verbose=False)
+    assert os.path.getsize(_log(out)) == size  # re-running adds nothing
+    # a longer list is not complete: only the new item runs
+    saver = helpers.Saver()
+    mp_lock(items + ["new"], helpers.echo, saver, 2, out, verbose=False)
+    assert saver.names == ["new"]
+    # a torn COMPLETE record is just a torn tail
+    os.truncate(_log(out), os.path.getsize(_log(out)) - 3)
+    saver = helpers.Saver()
+    assert mp_lock(items + ["new"], helpers.echo, saver, 2, out, verbose=False).skipped == 301
+    assert saver.names == []
+
+
+def test_values_after_a_complete_run_come_from_the_log(tmp_path):
+    out = str(tmp_path)
+    items = [f"i{n}" for n in range(300)]
+    assert mp_lock_value(items, helpers.length, None, 2, out, verbose=False) == list(map(len, items))
+    assert mp_lock_value(items, helpers.length, None, 2, out, verbose=False) == list(map(len, items))
