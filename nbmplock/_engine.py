@@ -116,6 +116,8 @@ class LocalBackend:
         self.workers = workers
         self._ctx = multiprocess.get_context(start_method)
         self._fork = self._ctx.get_start_method() == "fork"
+        # A forkserver's children have the forkserver as parent; it dies with us.
+        self._parent_pid = None if self._ctx.get_start_method() == "forkserver" else os.getpid()
         args = (payload.process, payload.init_function, payload.shared_data,
                 payload.batch_size)
         self._payload = args if self._fork else serialize_payload(args)
@@ -150,10 +152,16 @@ class LocalBackend:
         _grow_pipe(res_w.fileno())
         self._pipe_size = min(self._pipe_size, room)
         slot = self._ctx.RawArray("d", [0.0, -1.0, 0.0])
+        close_fds = []
+        if self._fork:  # what a forked child inherits and must not keep
+            close_fds = [*self._close_fds, task_w.fileno(), res_r.fileno(), out_r.fileno(),
+                         self._wake_r, self._wake_w]
+            for w in self._workers.values():
+                close_fds += [w.tasks.fileno(), w.conn.fileno(), w.out.fileno()]
         proc = self._ctx.Process(
             target=_worker.main, name=f"nbmplock-w{index}", daemon=True,
             args=(task_r, res_w, out_w, self._payload, slot, self._stop_flag,
-                  self._close_fds, self._want_results))
+                  close_fds, self._want_results, self._parent_pid))
         proc.start()
         for end in (task_r, res_w, out_w):
             end.close()

@@ -64,6 +64,13 @@ class Progress:
     eta: float | None
     state: JobState
 
+    def __repr__(self) -> str:
+        eta = f"{self.eta:.0f} s" if self.eta is not None else "-"
+        return (f"Progress({self.state.value}: {self.done}/{self.total} done, "
+                f"{self.done_before} in earlier runs, {self.failed} failed, "
+                f"{self.in_flight} in flight, {self.rate:.1f} items/s, "
+                f"elapsed {self.elapsed:.1f} s, ETA {eta})")
+
     @property
     def done_now(self) -> int:
         """Items finished by the current (or last) run."""

@@ -14,6 +14,7 @@ a field and wakes the backend's wait.
 from __future__ import annotations
 
 import functools
+from array import array
 import hashlib
 import inspect
 import logging
@@ -77,11 +78,16 @@ def function_identity(fn: Callable) -> tuple[str, str]:
 
 
 def items_hash(items) -> str:
-    """A stable hash of the item list (in slices, so memory stays flat)."""
+    """A stable hash of the item list, injective: the lengths are hashed too.
+
+    Computed in slices, so memory stays flat for long lists.
+    """
     h = hashlib.blake2b(digest_size=16)
+    h.update(str(len(items)).encode())
     for start in range(0, len(items), 100_000):
-        h.update("\x00".join(items[start:start + 100_000]).encode("utf-8", "surrogatepass"))
-        h.update(b"\xff")
+        part = items[start:start + 100_000]
+        h.update(array("Q", map(len, part)).tobytes())
+        h.update("".join(part).encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 

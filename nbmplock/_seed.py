@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._errors import InvalidArgumentsError
+from ._errors import InvalidArgumentsError, JobStateError
 from ._job import Job, RunSummary
 from ._runner import items_hash
 from ._store import read_complete, read_contents
@@ -43,12 +43,11 @@ def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, 
         from ._progress import TqdmObserver
         bar = TqdmObserver(job)
     try:
-        job.start()
         try:
+            job.start()
             job.wait()
         except KeyboardInterrupt:
-            job.stop(force=True)
-            job.wait()
+            _stop_after_interrupt(job)
             p = job.progress
             raise KeyboardInterrupt(
                 f"nbmplock: stopped by the interrupt; {p.done:,} of {p.total:,} items are "
@@ -62,6 +61,21 @@ def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, 
     for failure in job.failures[-5:]:
         log.warning("nbmplock: item %r failed: %s", failure.item, failure.summary())
     return job
+
+
+def _stop_after_interrupt(job: Job) -> None:
+    """Stop ``job`` at once, wherever the interrupt landed (even a second Ctrl-C)."""
+    while True:
+        try:
+            if job.state.active:
+                try:
+                    job.stop(force=True)
+                except JobStateError:
+                    pass  # it ended between the check and the stop
+            job.wait()
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def mp_lock(data_list: Sequence[str], process: Callable, save_callback: Callable | None,

@@ -108,7 +108,10 @@ class Fingerprint:
             return []
         changes = []
         if old.function_hash != self.function_hash:
-            changes.append(f"the process function changed ({old.function} -> {self.function})")
+            if old.function == self.function:
+                changes.append(f"the source of the process function {self.function!r} changed")
+            else:
+                changes.append(f"the process function changed ({old.function} -> {self.function})")
         if old.items_hash != self.items_hash:
             changes.append(f"the item list changed ({old.n_items} -> {self.n_items} items)")
         return changes
@@ -159,11 +162,20 @@ def _frame(kind: int, flags: int, payload: bytes) -> bytes:
     return head + _U32.pack(crc) + payload
 
 
+def _dumps(obj: Any) -> bytes:
+    """pickle; dill for what only dill can do (a worker already sent it with dill)."""
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        import dill
+        return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+
+
 def _done_payload(names: Sequence[str], results: Sequence[Any] | None) -> tuple[int, bytes]:
     blob = pickle.dumps(list(names), protocol=pickle.HIGHEST_PROTOCOL)
     if results is None:
         return 0, _U32.pack(len(blob)) + blob
-    res = pickle.dumps(list(results), protocol=pickle.HIGHEST_PROTOCOL)
+    res = _dumps(list(results))
     return _HAS_RESULTS, b"".join((_U32.pack(len(blob)), blob, res))
 
 
@@ -275,6 +287,21 @@ def lock_holder(out_path: str) -> int | None:
 
 
 def _pid_in(fd: int) -> int | None:
+    """The pid holding the flock on ``fd``'s file.
+
+    Linux's /proc/locks names the holder even in the instant between its flock
+    and writing its pid into the file; elsewhere, the pid written in the file.
+    """
+    try:
+        inode = os.fstat(fd).st_ino
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if ("->" not in fields and len(fields) >= 6 and fields[1] == "FLOCK"
+                        and fields[5].rsplit(":", 1)[-1] == str(inode)):
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
     try:
         text = os.pread(fd, 200, 0).decode("utf-8", "replace")
         return int(text.split()[0])

@@ -63,13 +63,18 @@ def describe_exception(exc: BaseException) -> tuple[str, str, str, bytes | None]
     return type(exc).__qualname__, str(exc), tb, exc_bytes
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies: no orphans."""
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies: no orphans.
+
+    If the parent died before the request took effect, exit now.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _capture_output(out_fd: int) -> None:
@@ -148,6 +153,8 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
                 results.extend(out)
         except Exception as exc:
             count = 1 if batch_size is None else len(items[pos:pos + unit])
+            if exc.__traceback__ is not None:  # start the traceback at the user's frame
+                exc = exc.with_traceback(exc.__traceback__.tb_next)
             failures.append((pos, count, *describe_exception(exc), clock() - started,
                              "exception"))
             results.extend([None] * count)
@@ -156,10 +163,16 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
     return min(pos, n), results, failures, time.perf_counter() - chunk_start
 
 
-def main(tasks, conn, out_conn, payload, slot, stop_flag, close_fds, want_results) -> None:
-    """Entry point of a worker process (``multiprocess.Process`` target)."""
+def main(tasks, conn, out_conn, payload, slot, stop_flag, close_fds, want_results,
+         parent_pid) -> None:
+    """Entry point of a worker process (``multiprocess.Process`` target).
+
+    ``close_fds`` are descriptors a forked worker inherited and must not keep:
+    the run store's (so it never holds the lock) and the parent's ends of
+    every pipe (so the parent's death reads as end-of-file).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _die_with_parent()
+    _die_with_parent(parent_pid)
     for fd in close_fds:
         try:
             os.close(fd)
