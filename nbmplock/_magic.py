@@ -118,7 +118,7 @@ class MplockMagics(Magics):
     @argument("--job", default=DEFAULT_JOB_VAR, metavar="VAR",
               help=f"variable for the Job (default {DEFAULT_JOB_VAR})")
     @argument("--wait", action="store_true",
-              help="block until the run ends; Ctrl-C stops it cleanly")
+              help="block until the run ends; Ctrl-C (interrupt the kernel) stops it cleanly")
     @cell_magic
     def mplock(self, line: str, cell: str) -> None:
         """Map the function this cell defines over items, resumably, on many cores.
@@ -129,7 +129,9 @@ class MplockMagics(Magics):
         cell again, and it continues where it left off. The cell returns at
         once and shows a live panel (unless ``--wait``); the Job is stored in
         ``mplock_job`` (``--job``). Running the cell again while its run is
-        going shows that run instead of starting a second one.
+        going shows that run instead of starting a second one. With ``--wait``,
+        interrupting the kernel (Ctrl-C) stops the run cleanly; run the cell
+        again to resume.
 
         Example::
 
@@ -149,7 +151,7 @@ class MplockMagics(Magics):
             if name is not None and not name.isidentifier():
                 raise UsageError(f"%%mplock: {option} needs a variable name, got {name!r}")
 
-        name, process = self._run_body(cell)
+        _, process = self._run_body(cell)
         items = self._evaluate("items", _unquote(args.items))
         kwargs: dict[str, Any] = {}
         for option, key in (("init", "init_function"), ("shared", "shared_data"),
@@ -169,8 +171,8 @@ class MplockMagics(Magics):
             kwargs["keep_results"] = True
 
         job = run(items, process, _unquote(args.out), **kwargs)
-        shell.user_ns[job_var] = job
-        try:
+        try:  # from here on, Ctrl-C stops the run cleanly
+            shell.user_ns[job_var] = job
             if into is not None:
                 self._deliver_into(job, into)
             display(job)
@@ -178,6 +180,7 @@ class MplockMagics(Magics):
                 self._wait(job, into)
         except KeyboardInterrupt:
             self._interrupted(job, job_var)
+            raise  # an interrupted cell stays interrupted: "Run all" stops here
 
     # -- helpers ---------------------------------------------------------
     def _run_body(self, cell: str) -> tuple[str, Callable]:
@@ -236,6 +239,8 @@ class MplockMagics(Magics):
             except JobStateError:
                 pass  # it ended meanwhile
         job.wait()
+        if job.state is JobState.FINISHED:
+            return
         p = job.progress
         sys.stderr.write(
             f"nbmplock: interrupted; the run on {job.out_path!r} was stopped. "

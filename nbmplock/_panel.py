@@ -25,7 +25,9 @@ import functools
 import html
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ._errors import MissingDependencyError
 
@@ -105,11 +107,13 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def failures_html(failures: tuple[Failure, ...], total_failed: int | None = None) -> str:
-    """An escaped HTML table of the last :data:`MAX_FAILURE_ROWS` failures.
+def failures_html(failures: Iterable[Failure], total_failed: int | None = None) -> str:
+    """An escaped HTML table of the last :data:`MAX_FAILURE_ROWS` of ``failures``.
 
-    Each row's message expands (``<details>``) to the worker's full traceback.
+    Each row's message expands (``<details>``) to the worker's full traceback;
+    ``total_failed`` (default: how many were given) counts the rows not shown.
     """
+    failures = tuple(failures)
     if not failures:
         return ""
     total = max(total_failed or 0, len(failures))
@@ -148,6 +152,10 @@ def output_html(lines: list[str]) -> str:
             f'white-space:pre-wrap">{text}</pre>')
 
 
+def _nothing() -> None:
+    pass
+
+
 class Panel(widgets.VBox):
     """A live view of a :class:`~nbmplock.Job`, with Start/Stop/Resume/Retry buttons.
 
@@ -160,17 +168,23 @@ class Panel(widgets.VBox):
     >>> Panel(job)                                  # doctest: +SKIP
     """
 
-    def __init__(self, job: Job, **kwargs):
+    def __init__(self, job: Job, **kwargs: Any):
         self._job = job
         self._lock = threading.RLock()
         self._closed = False
+        self._unsubscribe: Callable[[], None] = _nothing  # until subscribed, at the end
         self._next_apply = 0.0
         self._pending: Progress | None = None
         self._pending_output = False
-        self._pending_failures = False
         self._timer: threading.Timer | None = None
+        # the newest failures by item, fed by events: no full sort of job.failures per update
+        self._recent_failures: OrderedDict[str, Failure] = OrderedDict()
+        self._failures_dirty = True
         self._failed_shown: int | None = None
+        self._state_text = ""
+        self._notice_text = ""
         self._message_text = ""
+        self._message_from_job = False
 
         self.title = widgets.HTML(value=(
             f"<b>nbmplock</b> · <code>{html.escape(job.out_path)}</code> · "
@@ -236,45 +250,56 @@ class Panel(widgets.VBox):
             return
         now = time.monotonic()
         with self._lock:
+            self._add_failures(event.failures)
             output = self._pending_output or bool(event.output)
-            failures = self._pending_failures or bool(event.failures)
-            if event.kind != "state" and now < self._next_apply:
-                self._pending = event.progress
-                self._pending_output, self._pending_failures = output, failures
+            if event.kind == "state":
+                self._pending, self._pending_output = None, False
+                self._load_failures()
+                self._apply(event.progress, output=True, state_event=True)
+            elif now < self._next_apply:  # coalesce; the timer shows the latest
+                self._pending, self._pending_output = event.progress, output
                 if self._timer is None:
                     self._timer = threading.Timer(self._next_apply - now, self._flush)
                     self._timer.daemon = True
                     self._timer.start()
-                return
-            self._pending = None
-            self._pending_output = self._pending_failures = False
-            self._apply(event.progress, output=output,
-                        failures=failures or event.kind == "state",
-                        state_event=event.kind == "state")
+            else:
+                self._pending, self._pending_output = None, False
+                self._apply(event.progress, output=output)
 
     def _flush(self) -> None:
         with self._lock:
             self._timer = None
             progress, self._pending = self._pending, None
-            if progress is None or self._closed:
-                return
-            output, failures = self._pending_output, self._pending_failures
-            self._pending_output = self._pending_failures = False
-            self._apply(progress, output=output, failures=failures)
+            output, self._pending_output = self._pending_output, False
+            if progress is not None and not self._closed:
+                self._apply(progress, output=output)
 
     def refresh(self) -> None:
         """Show the job's current numbers now (the panel also does this by itself)."""
         with self._lock:
-            self._apply(self._job.progress, output=True, failures=True, state_event=True)
+            self._load_failures()
+            self._apply(self._job.progress, output=True, state_event=True)
+
+    def _add_failures(self, failures: Iterable[Failure]) -> None:
+        recent = self._recent_failures
+        for failure in failures:
+            recent.pop(failure.item, None)
+            recent[failure.item] = failure
+            self._failures_dirty = True
+        while len(recent) > MAX_FAILURE_ROWS:
+            recent.popitem(last=False)
+
+    def _load_failures(self) -> None:
+        self._recent_failures.clear()
+        self._add_failures(self._job.failures[-MAX_FAILURE_ROWS:])
+        self._failures_dirty = True
 
     # -- applying a snapshot: only trait values change -------------------
-    def _apply(self, p: Progress, *, output: bool = False, failures: bool = False,
-               state_event: bool = False) -> None:
+    def _apply(self, p: Progress, *, output: bool = False, state_event: bool = False) -> None:
         if self._closed:
             return
         self._next_apply = time.monotonic() + MIN_INTERVAL
-        job = self._job
-        state = shown_state(p)
+        state = self._state_text = shown_state(p)
         colour, bar_style = _LOOK[state]
         self.state_badge.value = (
             f'<span style="background:{colour};color:white;padding:1px 8px;'
@@ -289,11 +314,13 @@ class Panel(widgets.VBox):
         self.timing.value = timing_text(p)
         self.workers.value = workers_text(p)
         self._set_buttons(p)
-        if failures or p.failed != self._failed_shown:
+        if self._failures_dirty or p.failed != self._failed_shown:
+            self._failures_dirty = False
             self._failed_shown = p.failed
-            self.failures_table.value = failures_html(job.failures, p.failed)
+            rows = self._recent_failures.values() if p.failed else ()
+            self.failures_table.value = failures_html(rows, p.failed)
         if output:
-            self.output_tail.value = output_html(list(job.output)[-OUTPUT_LINES:])
+            self.output_tail.value = output_html(list(self._job.output)[-OUTPUT_LINES:])
         if state_event:
             self._show_job_message(p)
 
@@ -308,22 +335,28 @@ class Panel(widgets.VBox):
         self.retry_button.disabled = state.active or p.failed == 0
 
     def _show_job_message(self, p: Progress) -> None:
+        """Messages about the run itself; a button's error message stays until the next click."""
         job = self._job
         if p.state is JobState.FAILED and job.error is not None:
             self._set_message(f"The run failed: {type(job.error).__name__}: {job.error}",
-                              error=True)
+                              error=True, from_job=True)
         elif p.state is JobState.RUNNING and job.fingerprint_changes:
             self._set_message("Resumed, but " + "; ".join(job.fingerprint_changes)
-                              + " since the last run; items recorded done are not run again.")
-        if not p.state.active and self.notice.value:
+                              + " since the last run; items recorded done are not run again.",
+                              from_job=True)
+        elif p.state is JobState.RUNNING and self._message_from_job:
+            self._set_message("")
+        if not p.state.active and self._notice_text:
             self._set_notice("")
 
     def _set_notice(self, text: str) -> None:
+        self._notice_text = text
         self.notice.value = (f'<span style="color:#b26a00">{html.escape(text)}</span>'
                              if text else "")
 
-    def _set_message(self, text: str, *, error: bool = False) -> None:
+    def _set_message(self, text: str, *, error: bool = False, from_job: bool = False) -> None:
         self._message_text = text
+        self._message_from_job = from_job
         colour = "#c62828" if error else "inherit"
         self.message.value = (f'<span style="color:{colour}">{html.escape(text)}</span>'
                               if text else "")
@@ -332,6 +365,7 @@ class Panel(widgets.VBox):
     def _on_click(self, action: str, _button=None) -> None:
         job = self._job
         self._set_message("")
+        error = None
         try:
             if action == "start":
                 job.start()
@@ -344,24 +378,30 @@ class Panel(widgets.VBox):
             else:
                 job.retry_failed()
         except Exception as exc:  # noqa: BLE001 - shown in the panel, not lost in a callback
-            self._set_message(f"{type(exc).__name__}: {exc}", error=True)
+            error = exc
         self.refresh()
+        if error is not None:
+            self._set_message(f"{type(error).__name__}: {error}", error=True)
 
     # -- text and lifetime -----------------------------------------------
     def status_text(self) -> str:
         """What the panel shows, as plain text (for tests and logs)."""
         lines = [f"nbmplock · {self._job.out_path} · {function_name(self._job.spec.process)}",
-                 f"state: {html.unescape(_strip_tags(self.state_badge.value))}",
+                 f"state: {self._state_text}",
                  self.counts.value, self.timing.value, self.workers.value]
-        notice = html.unescape(_strip_tags(self.notice.value))
-        if notice:
-            lines.insert(1, notice)
+        if self._notice_text:
+            lines.insert(1, self._notice_text)
+        if self._failed_shown:
+            lines.append(f"failures: {self._failed_shown}")
         if self._message_text:
             lines.append(self._message_text)
         return "\n".join(lines)
 
     def close(self) -> None:
         """Stop listening to the job and close every widget of the panel."""
+        if not hasattr(self, "_lock"):  # __init__ was interrupted before building anything
+            super().close()
+            return
         with self._lock:
             if self._closed:
                 return
@@ -381,14 +421,3 @@ class Panel(widgets.VBox):
             stack.extend(getattr(widget, "children", ()))
             yield widget
 
-
-def _strip_tags(markup: str) -> str:
-    out, inside = [], False
-    for ch in markup:
-        if ch == "<":
-            inside = True
-        elif ch == ">":
-            inside = False
-        elif not inside:
-            out.append(ch)
-    return "".join(out)
