@@ -116,14 +116,29 @@ class Backend(Protocol):
 
 
 def make_backend_factory(options):
-    """A function ``(payload, store) -> Backend`` for ``options.backend``."""
+    """A function ``(payload, store) -> Backend`` for ``options.backend``.
+
+    It may have a ``check(payload)`` attribute, called before the run directory
+    is touched, that raises if the payload cannot reach the workers.
+    """
     if options.backend is None:
+        serialized: dict = {}
+
         def local(payload: WorkPayload, store):
             from ._engine import LocalBackend
             return LocalBackend(payload, workers=options.num_procs or os.cpu_count() or 1,
                                 start_method=options.start_method,
                                 item_timeout=options.item_timeout,
-                                close_fds=store.private_fds())
+                                close_fds=store.private_fds(),
+                                serialized=serialized.pop(id(payload), None))
+
+        def check(payload: WorkPayload) -> None:
+            from ._engine import payload_for_start_method
+            data = payload_for_start_method(payload, options.start_method)
+            if data is not None:
+                serialized[id(payload)] = data
+
+        local.check = check
         return local
 
     def dask(payload: WorkPayload, store):

@@ -88,6 +88,14 @@ def _grow_pipe(fd: int) -> int:
         return 1 << 16
 
 
+def payload_for_start_method(payload: WorkPayload, start_method: str | None) -> bytes | None:
+    """The payload as spawned workers receive it (None under fork: inherited as is)."""
+    if multiprocess.get_context(start_method).get_start_method() == "fork":
+        return None
+    return serialize_payload((payload.process, payload.init_function, payload.shared_data,
+                              payload.batch_size))
+
+
 @dataclass(eq=False)
 class _Worker:
     index: int
@@ -112,7 +120,8 @@ class LocalBackend:
     """Worker processes on this machine, driven by the runner's thread."""
 
     def __init__(self, payload: WorkPayload, *, workers: int, start_method: str | None,
-                 item_timeout: float | None, close_fds: list[int]):
+                 item_timeout: float | None, close_fds: list[int],
+                 serialized: bytes | None = None):
         self.workers = workers
         self._ctx = multiprocess.get_context(start_method)
         self._fork = self._ctx.get_start_method() == "fork"
@@ -120,12 +129,13 @@ class LocalBackend:
         self._parent_pid = None if self._ctx.get_start_method() == "forkserver" else os.getpid()
         args = (payload.process, payload.init_function, payload.shared_data,
                 payload.batch_size)
-        self._payload = args if self._fork else serialize_payload(args)
+        self._payload = args if self._fork else (serialized or serialize_payload(args))
         self._want_results = payload.want_results
         self._timeout = item_timeout
         self._close_fds = close_fds if self._fork else []
         self._stop_flag = self._ctx.RawValue("i", 0)
         self._workers: dict[int, _Worker] = {}
+        self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -190,18 +200,28 @@ class LocalBackend:
                              name=f"nbmplock-send-{worker.label}").start()
 
     def _send_slowly(self, worker: _Worker, data: bytes) -> None:
-        _send(worker.tasks, data)
-        worker.sending = False
-        self.wakeup()
+        try:
+            if not worker.tasks.closed:
+                _send(worker.tasks, data)
+        except (OSError, ValueError):
+            pass  # the worker died meanwhile; its sentinel tells the manager
+        finally:
+            worker.sending = False
+            self.wakeup()
 
     def in_flight(self) -> dict[str, int]:
         return {w.label: sum(len(c.items) for c in w.chunks) for w in self._workers.values()}
 
     def wakeup(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
+        # Under the lock: after shutdown the descriptor number may belong to
+        # another file (the run log!), and a stray byte there would corrupt it.
+        with self._wake_lock:
+            if self._wake_w is None:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
 
     def request_stop(self) -> None:
         self._stopping = True
@@ -335,10 +355,15 @@ class LocalBackend:
             self._lost(worker, events, kind="killed", message="stopped by force")
         return events
 
-    def shutdown(self) -> None:
-        """Ask idle workers to exit, then kill what is left; close every pipe."""
+    def shutdown(self) -> list:
+        """Ask idle workers to exit, then kill what is left; close every pipe.
+
+        Returns the output the workers wrote last (a final line without a
+        newline included).
+        """
+        events: list = []
         if self._closed:
-            return
+            return events
         self._closed = True
         self._stopping = True
         workers = list(self._workers.values())
@@ -351,13 +376,14 @@ class LocalBackend:
             if worker.process.exitcode is None:
                 _kill(worker.process)
                 worker.process.join(5)
+            self._read_output(worker, events, final=True)
             self._close_worker(worker)
         self._workers.clear()
-        for fd in (self._wake_r, self._wake_w):
-            try:
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
-            except OSError:
-                pass
+            self._wake_r = self._wake_w = None
+        return events
 
     def _close_worker(self, worker: _Worker) -> None:
         for handle in (worker.tasks, worker.conn, worker.out):

@@ -237,6 +237,7 @@ class Job:
         with self._lock:
             self._check("start")
             self._launch("all")
+        self._emit(Event("state", self.progress))
         return self
 
     def resume(self) -> Job:
@@ -244,6 +245,7 @@ class Job:
         with self._lock:
             self._check("resume")
             self._launch("all")
+        self._emit(Event("state", self.progress))
         return self
 
     def retry_failed(self) -> Job:
@@ -251,6 +253,7 @@ class Job:
         with self._lock:
             self._check("retry_failed")
             self._launch("failed")
+        self._emit(Event("state", self.progress))
         return self
 
     def stop(self, force: bool = False) -> Job:
@@ -284,6 +287,7 @@ class Job:
         runner.prepare()  # raises here, in the caller, for a locked or unwritable out_path
         self.fingerprint_changes = runner.fingerprint_changes
         self.error = None
+        self.reattached = False
         self._runner = runner
         self._rate_samples.clear()
         self._finished.clear()
@@ -294,7 +298,6 @@ class Job:
                                         name=f"nbmplock-{os.path.basename(self.out_path)}",
                                         daemon=True)
         self._thread.start()
-        self._emit(Event("state", self.progress))
 
     def _run(self, runner: Runner) -> None:
         try:
@@ -311,8 +314,10 @@ class Job:
                                              key=lambda f: f.time))
         with self._lock:
             self._state = state
-        self._finished.set()
-        self._emit(Event("state", self.progress))
+        try:
+            self._emit(Event("state", self.progress))
+        finally:
+            self._finished.set()  # after the views saw the final state
 
     # -- observing -------------------------------------------------------
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
@@ -339,6 +344,11 @@ class Job:
                 log.exception("nbmplock: an observer of the job raised")
 
     def _on_runner(self, counters: Counters, output: list, failures: list) -> None:
+        now = time.monotonic()
+        samples = self._rate_samples
+        samples.append((now, counters.done))
+        while len(samples) > 2 and now - samples[0][0] > _RATE_WINDOW:
+            samples.popleft()
         self.output.extend(output)
         self._emit(Event("progress", self.progress, tuple(output), tuple(failures)))
 
@@ -352,11 +362,10 @@ class Job:
         done = c.done_before + c.done
         if runner is not None and state.active:
             elapsed = now - c.started
-            samples = self._rate_samples
-            samples.append((now, c.done))
-            while len(samples) > 2 and now - samples[0][0] > _RATE_WINDOW:
-                samples.popleft()
-            t0, d0 = samples[0]
+            try:
+                t0, d0 = self._rate_samples[0]
+            except IndexError:
+                t0, d0 = c.started, 0
             rate = (c.done - d0) / (now - t0) if now - t0 > 0.5 else (
                 c.done / elapsed if elapsed > 0 else 0.0)
         else:

@@ -108,6 +108,7 @@ class Runner:
         self._backend = None
         self._stop_request: str | None = None
         self._stopping = False
+        self._killed = False
         self._error: BaseException | None = None
         self._source: Iterator[str] | None = None
         self._retry: deque = deque()
@@ -129,6 +130,11 @@ class Runner:
     def prepare(self) -> None:
         """Lock the run directory and plan the work. Raises before any work starts."""
         spec = self.spec
+        self._payload = WorkPayload(spec.process, spec.init_function, spec.shared_data,
+                                    self.opts.batch_size, self._want_results())
+        check = getattr(self._backend_factory, "check", None)
+        if check is not None:
+            check(self._payload)  # e.g. unpicklable under spawn: before the disk is touched
         fn_name, fn_hash = function_identity(spec.process)
         self._items_hash = items_hash(spec.items)
         previous = read_fingerprint(spec.out_path)
@@ -206,10 +212,7 @@ class Runner:
         return Outcome("finished")
 
     def _loop(self) -> None:
-        spec = self.spec
-        payload = WorkPayload(spec.process, spec.init_function, spec.shared_data,
-                              self.opts.batch_size, self._want_results())
-        self._backend = backend = self._backend_factory(payload, self.store)
+        self._backend = backend = self._backend_factory(self._payload, self.store)
         cap = getattr(backend, "max_task_bytes", MAX_CHUNK_BYTES)
         self._bytes_cap = max(1, int(cap / self._avg_item_bytes))
         backend.start()
@@ -217,8 +220,9 @@ class Runner:
             backend.wakeup()
         c = self.counters
         while True:
-            if self._stop_request and not self._stopping:
-                self._begin_stop()
+            if self._stop_request and (not self._stopping or (
+                    self._stop_request == "force" and not self._killed)):
+                self._begin_stop()  # also escalates a graceful stop to a forced one
             if not self._stopping:
                 self._dispatch(backend)
             if c.in_flight == 0 and (self._stopping or self._exhausted()):
@@ -244,6 +248,7 @@ class Runner:
         if self._backend is None:
             return
         if self._stop_request == "force":
+            self._killed = True
             for event in self._backend.kill():
                 self._handle(event)
         else:
@@ -264,8 +269,7 @@ class Runner:
         return max(unit, size - size % unit)
 
     def _dispatch(self, backend) -> None:
-        free = backend.free_slots()
-        while free > 0:
+        while backend.free_slots() > 0:
             if self._retry:
                 unit = self.opts.batch_size or 1
                 items = [self._retry.popleft() for _ in range(min(unit, len(self._retry)))]
@@ -280,7 +284,6 @@ class Runner:
             self._chunk_ids += 1
             backend.submit(Chunk(self._chunk_ids, items))
             self.counters.in_flight += len(items)
-            free -= 1
             self._dirty = True
 
     # -- events ----------------------------------------------------------
@@ -461,12 +464,16 @@ class Runner:
         finally:
             try:
                 if self._backend is not None:
-                    self._backend.shutdown()
+                    for event in self._backend.shutdown() or ():
+                        self._handle(event)
                 c.in_flight = 0
                 c.in_flight_by_worker = {}
                 if (self._error is None and c.done_before + c.done == c.total
                         and self.store.contents.complete is None):
-                    self.store.record_complete(self._items_hash, len(self.spec.items), c.total)
+                    try:
+                        self.store.record_complete(self._items_hash, len(self.spec.items), c.total)
+                    except OSError as exc:  # only a shortcut for the next run: not an error
+                        log.warning("nbmplock: could not mark %r complete: %s", self.spec.out_path, exc)
             finally:
                 try:
                     self.store.close()

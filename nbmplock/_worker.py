@@ -114,7 +114,8 @@ def _without_unpicklable(msg):
             dumps(value)
         except Exception as exc:
             name, text, tb, _ = describe_exception(exc)
-            failures.append((pos, 1, name, f"the result of process() cannot be pickled: {text}",
+            failures.append((pos, 1, name, "the result of process() cannot be pickled: "
+                             f"{text or name}",
                              tb, None, 0.0, "unpicklable"))
             value = None
         clean.append(value)

@@ -1,0 +1,309 @@
+"""Issue 6, item 6: the bad-input catalogue, table-driven.
+
+Every argument of ``mp_lock``, ``mp_lock_value``, ``mp_lock_batch`` and ``Job``
+with wrong types and values. Each must raise :class:`nbmplock.InvalidArgumentsError`
+(also a ``ValueError``) whose message is ``Invalid <argument>. Expected values: ...``,
+before anything is written: the ``out_path`` directory is not even created.
+Then the documented behaviour of the legal-but-odd inputs: duplicate items,
+a missing parent directory, and functions that cannot be serialised under
+``spawn``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import nbmplock
+
+from .helpers import FIGURES
+
+
+def ok_process(item, shared_data, init_values):
+    return item.upper()
+
+
+def ok_batch(items, shared_data, init_values):
+    return [i.upper() for i in items]
+
+
+APIS = ["mp_lock", "mp_lock_value", "mp_lock_batch", "Job"]
+SEED_APIS = APIS[:3]
+
+
+def call(api: str, out: Path, **bad):
+    """Call ``api`` with good arguments except ``bad``; positional order of the seed."""
+    args = dict(data_list=["a", "b"], process=ok_batch if api == "mp_lock_batch" else ok_process,
+                save_callback=None, num_procs=1, out_path=str(out), save_batch=10,
+                shared_data=None, init_function=None)
+    args.update(bad)
+    if api == "Job":
+        args.pop("verbose", None)
+        data, proc, out_path = args.pop("data_list"), args.pop("process"), args.pop("out_path")
+        return nbmplock.Job(data, proc, out_path, **args).start()
+    args.setdefault("verbose", False)
+    positional = [args.pop(k) for k in ("data_list", "process", "save_callback", "num_procs",
+                                        "out_path")]
+    if api == "mp_lock_batch":
+        positional.append(args.pop("batch_size", 2))
+    return getattr(nbmplock, api)(*positional, **args)
+
+
+class _Gen:
+    """A fresh generator per use (the table is built once)."""
+
+    def __repr__(self):
+        return "generator"
+
+
+GEN = _Gen()
+
+# (argument, bad value, APIs it applies to, words the message must contain)
+CASES = [
+    ("data_list", 5, APIS, "got int"),
+    ("data_list", "abc", APIS, "got str"),
+    ("data_list", b"ab", APIS, "got bytes"),
+    ("data_list", [], APIS, "empty"),
+    ("data_list", (), APIS, "empty"),
+    ("data_list", None, APIS, "got NoneType"),
+    ("data_list", {"a", "b"}, APIS, "got set"),
+    ("data_list", {"a": 1}, APIS, "got dict"),
+    ("data_list", GEN, APIS, "list("),
+    ("data_list", [1, "a", "b"], APIS, "index 0 is int"),
+    ("data_list", ["a", 2.5, "b"], APIS, "index 1 is float"),
+    ("data_list", ["a", "b", None], APIS, "index 2 is NoneType"),
+    ("data_list", [b"a", "b"], APIS, "index 0 is bytes"),
+    ("data_list", ["a", ["b"], "c"], APIS, "index 1 is list"),
+    ("data_list", ["a"] * 999 + [7], APIS, "index 999 is int"),
+    ("process", None, APIS, "got NoneType"),
+    ("process", 5, APIS, "got int"),
+    ("process", "ok_process", APIS, "got str"),
+    ("save_callback", 5, APIS, "got int"),
+    ("save_callback", "save", APIS, "got str"),
+    ("num_procs", 0, APIS, "got 0"),
+    ("num_procs", -1, APIS, "got -1"),
+    ("num_procs", 1.5, APIS, "got 1.5"),
+    ("num_procs", "2", APIS, "got '2'"),
+    ("num_procs", True, APIS, "got True"),
+    ("num_procs", None, SEED_APIS, "got None"),
+    ("out_path", "", APIS, "got ''"),
+    ("out_path", "   ", APIS, "got '   '"),
+    ("out_path", None, APIS, "got None"),
+    ("out_path", 5, APIS, "got 5"),
+    ("out_path", b"/tmp/bytes-path", APIS, "got b'/tmp/bytes-path'"),
+    ("save_batch", 0, APIS, "got 0"),
+    ("save_batch", -3, APIS, "got -3"),
+    ("save_batch", 2.0, APIS, "got 2.0"),
+    ("save_batch", "10", APIS, "got '10'"),
+    ("save_batch", None, APIS, "got None"),
+    ("save_batch", False, APIS, "got False"),
+    ("batch_size", 0, ["mp_lock_batch", "Job"], "got 0"),
+    ("batch_size", -2, ["mp_lock_batch", "Job"], "got -2"),
+    ("batch_size", "3", ["mp_lock_batch", "Job"], "got '3'"),
+    ("batch_size", 1.5, ["mp_lock_batch", "Job"], "got 1.5"),
+    ("batch_size", None, ["mp_lock_batch"], "got None"),
+    ("init_function", 5, APIS, "got int"),
+    ("init_function", "init", APIS, "got str"),
+    ("errors", "ignore", APIS, "got 'ignore'"),
+    ("errors", None, APIS, "got None"),
+    ("max_retries", -1, APIS, "got -1"),
+    ("max_retries", 1.5, APIS, "got 1.5"),
+    ("max_retries", "2", APIS, "got '2'"),
+    ("item_timeout", 0, APIS, "got 0"),
+    ("item_timeout", -1.0, APIS, "got -1.0"),
+    ("item_timeout", "5", APIS, "got '5'"),
+    ("item_timeout", True, APIS, "got True"),
+    ("item_timeout", float("nan"), APIS, "got nan"),
+    ("chunk_size", 0, APIS, "got 0"),
+    ("chunk_size", "4", APIS, "got '4'"),
+    ("start_method", "thread", APIS, "got 'thread'"),
+    ("start_method", 1, APIS, "got 1"),
+    ("backend", 5, APIS, "got int"),
+    ("no_such_option", 1, SEED_APIS, "keyword options among"),
+]
+
+
+def _ids(case):
+    arg, value, _, _ = case
+    return f"{arg}={value!r:.20}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_bad_argument_is_refused_before_anything_is_written(tmp_path, case):
+    argument, value, apis, words = case
+    for api in apis:
+        root = tmp_path / api
+        root.mkdir()
+        out = root / "parent" / "out"
+        bad = (lambda: (i for i in ["a", "b"]))() if value is GEN else value
+        with pytest.raises(nbmplock.InvalidArgumentsError) as info:
+            call(api, out, **{argument: bad})
+        error = info.value
+        assert isinstance(error, ValueError) and isinstance(error, nbmplock.NbmplockError)
+        message = str(error)
+        assert message.startswith(f"Invalid {argument}. Expected values: "), (api, message)
+        assert words in message, (api, message)
+        assert error.argument == argument
+        assert list(root.iterdir()) == [], f"{api} wrote {list(root.rglob('*'))} first"
+    FIGURES.add("bad_inputs_refused", len(apis))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", APIS)
+def test_out_path_that_is_a_file(tmp_path, api):
+    path = tmp_path / "a-file"
+    path.write_bytes(b"user data")
+    with pytest.raises(nbmplock.InvalidArgumentsError, match=r"^Invalid out_path\. Expected"):
+        call(api, path)
+    assert path.read_bytes() == b"user data" and list(tmp_path.iterdir()) == [path]
+    FIGURES.add("bad_inputs_refused")
+
+
+@pytest.mark.timeout(30)
+def test_is_mp_lock_completed_checks_its_arguments_and_writes_nothing(tmp_path):
+    out = tmp_path / "nothing-here"
+    for bad in ([], ["a", 3], "abc", None):
+        with pytest.raises(nbmplock.InvalidArgumentsError, match="^Invalid data_list"):
+            nbmplock.is_mp_lock_completed(bad, str(out))
+    for bad in ("", None, 3):
+        with pytest.raises(nbmplock.InvalidArgumentsError, match="^Invalid out_path"):
+            nbmplock.is_mp_lock_completed(["a"], bad)
+    assert nbmplock.is_mp_lock_completed(["a"], str(out)) is False
+    assert not out.exists()
+
+
+# -- legal but odd ------------------------------------------------------------
+
+def counting(item, shared_data, init_values):
+    fd = os.open(shared_data["ledger"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(fd, (json.dumps(item) + "\n").encode())
+    os.close(fd)
+    return item.upper()
+
+
+def counting_batch(items, shared_data, init_values):
+    return [counting(i, shared_data, init_values) for i in items]
+
+
+def _counts(ledger: Path) -> Counter:
+    return Counter(json.loads(line) for line in ledger.read_text().splitlines())
+
+
+DUPS = ["a", "b", "a", "c", "b", "a", "", "", "d"]
+
+
+@pytest.mark.timeout(60)
+def test_duplicate_items_run_once_and_mp_lock_value_fills_every_position(tmp_path):
+    ledger = tmp_path / "ledger"
+    shared = {"ledger": str(ledger)}
+    values = nbmplock.mp_lock_value(DUPS, counting, None, 2, str(tmp_path / "v"),
+                                    shared_data=shared, verbose=False)
+    assert values == [i.upper() for i in DUPS]
+    assert _counts(ledger) == Counter(set(DUPS))
+    assert nbmplock.is_mp_lock_completed(DUPS, str(tmp_path / "v"))
+    # a resume with the same duplicates: nothing runs, the same values come back
+    values = nbmplock.mp_lock_value(DUPS, counting, None, 2, str(tmp_path / "v"),
+                                    shared_data=shared, verbose=False)
+    assert values == [i.upper() for i in DUPS] and _counts(ledger) == Counter(set(DUPS))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["mp_lock", "mp_lock_batch"])
+def test_duplicate_items_are_saved_once(tmp_path, api):
+    ledger = tmp_path / "ledger"
+    saved: list = []
+
+    def save(path, results, names):
+        saved.extend(zip(names, results))
+
+    fn = counting_batch if api == "mp_lock_batch" else counting
+    extra = (2,) if api == "mp_lock_batch" else ()
+    summary = getattr(nbmplock, api)(DUPS, fn, save, 2, str(tmp_path / "out"), *extra,
+                                     save_batch=2, shared_data={"ledger": str(ledger)},
+                                     verbose=False)
+    assert sorted(saved) == sorted((i, i.upper()) for i in set(DUPS))
+    assert _counts(ledger) == Counter(set(DUPS))
+    assert summary.done == len(set(DUPS))
+
+
+@pytest.mark.timeout(60)
+def test_missing_parents_of_out_path_are_created(tmp_path):
+    out = tmp_path / "a" / "b" / "c" / "run"
+    assert nbmplock.mp_lock_value(["x", "y"], ok_process, None, 1, str(out),
+                                  verbose=False) == ["X", "Y"]
+    assert (out / ".nbmplock" / "log").exists()
+
+
+@pytest.mark.timeout(60)
+def test_pathlike_out_path_is_accepted(tmp_path):
+    assert nbmplock.mp_lock_value(["x"], ok_process, None, 1, tmp_path / "p",
+                                  verbose=False) == ["X"]
+
+
+# -- functions that cannot travel to a spawned worker -------------------------------
+
+def _closure_over(resource):
+    def process(item, shared_data, init_values):
+        return f"{item}:{type(resource).__name__}"
+    return process
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", ["process", "init_function", "shared_data"])
+def test_unserialisable_under_spawn_says_why_and_how_to_fix(tmp_path, where):
+    sock = socket.socket()
+    ledger = tmp_path / "ledger"
+    shared = {"ledger": str(ledger)}
+    kwargs = dict(shared_data=shared, verbose=False, start_method="spawn")
+    process = counting
+    if where == "process":
+        process = _closure_over(sock)
+    elif where == "init_function":
+        kwargs["init_function"] = lambda shared_data: sock
+    else:
+        kwargs["shared_data"] = dict(shared, connection=sock)
+    try:
+        with pytest.raises(nbmplock.SerializationError) as info:
+            nbmplock.mp_lock(["a", "b"], process, None, 2, str(tmp_path / "out"), **kwargs)
+    finally:
+        sock.close()
+    message = str(info.value)
+    assert isinstance(info.value, TypeError)
+    assert "socket" in message and "init_function" in message, message
+    assert "start_method='fork'" in message
+    assert not ledger.exists(), "work started"
+    # nothing is damaged: the same run with a function that travels completes
+    nbmplock.mp_lock(["a", "b"], counting, None, 2, str(tmp_path / "out"),
+                     shared_data=shared, verbose=False, start_method="spawn")
+    assert _counts(ledger) == Counter(["a", "b"])
+    FIGURES.add("faults_injected")
+
+
+@pytest.mark.timeout(90)
+def test_closure_over_a_lock_does_travel_under_spawn(tmp_path):
+    """dill pickles a threading.Lock (as a new lock), so this one is not an error."""
+    process = _closure_over(threading.Lock())
+    assert nbmplock.mp_lock_value(["a"], process, None, 1, str(tmp_path / "out"),
+                                  verbose=False, start_method="spawn") == ["a:lock"]
+
+
+@pytest.mark.timeout(60)
+def test_items_with_nul_are_not_confused_with_another_list(tmp_path):
+    """items_hash once joined items with NUL: ['a', 'b'] and ['a\\x00b'] collided, and
+    the COMPLETE mark of one list finished the other unprocessed (fixed in 40f894e)."""
+    out = str(tmp_path / "out")
+    ledger = tmp_path / "ledger"
+    shared = {"ledger": str(ledger)}
+    assert nbmplock.mp_lock_value(["a", "b"], counting, None, 1, out, shared_data=shared,
+                                  verbose=False) == ["A", "B"]
+    assert nbmplock.is_mp_lock_completed(["a\x00b"], out) is False
+    assert nbmplock.mp_lock_value(["a\x00b"], counting, None, 1, out, shared_data=shared,
+                                  verbose=False) == ["A\x00B"]
+    assert _counts(ledger) == Counter(["a", "b", "a\x00b"])

@@ -1,0 +1,372 @@
+"""Issue 6, item 1: SIGKILL the driving process at random instants, resume, check every item.
+
+A driver subprocess runs ``mp_lock`` / ``mp_lock_value`` with a ``save_callback``
+over a few thousand awkward ``str`` items. The test SIGKILLs it at random
+instants (seeded), reads the done-set right after each kill, resumes, and when
+a phase finally completes checks the promise of PRODUCT.md "Resume":
+
+* the run store opens cleanly after every kill, and no lock is left held;
+* the done-set only grows, and every item in it was handed to ``save_callback``
+  before (an item is recorded done only after its result was saved);
+* no item recorded done is processed (or saved) again by a later run;
+* items processed twice are only items in flight at a kill, and the number in
+  flight at any kill is at most ``workers * PREFETCH * chunk_size + save_batch``;
+* every item is saved at least once with the right result, ``is_mp_lock_completed``
+  is true, and ``mp_lock_value`` returns exactly the expected ordered list.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+import nbmplock
+from nbmplock import _engine, _store
+
+from . import driver
+from .helpers import FIGURES, Driver, Ledger, descendants, own_children, wait_gone
+
+# A phase is one out_path run to completion through many kills.
+PHASES = [
+    dict(api="value", workers=2, chunk_size=4, save_batch=7, n_items=1500),
+    dict(api="lock", workers=2, chunk_size=1, save_batch=1, n_items=1200),
+    dict(api="value", workers=3, chunk_size=8, save_batch=25, n_items=2000),
+    dict(api="lock", workers=1, chunk_size=16, save_batch=3, n_items=1500),
+]
+
+
+def in_flight_bound(phase: dict) -> int:
+    return phase["workers"] * _engine.PREFETCH * phase["chunk_size"] + phase["save_batch"]
+
+
+def _kill_delay(rng) -> float:
+    """Seconds after READY: often during start-up (store open, workers forking)."""
+    roll = rng.random()
+    if roll < 0.2:
+        return rng.uniform(0.0, 0.03)
+    if roll < 0.3:
+        return rng.uniform(0.03, 0.15)
+    return rng.uniform(0.05, 0.5)
+
+
+def run_phase(root: Path, index: int, phase: dict, rng, max_kills: int) -> dict:
+    """Kill and resume one phase until it completes; check it; return its figures."""
+    out = root / f"phase{index}" / "out"
+    ledger_dir = root / f"phase{index}" / "ledger"
+    ledger_dir.mkdir(parents=True)
+    tag = f"p{index}-"
+    items = driver.make_items(phase["n_items"], tag)
+    cfg = dict(phase, out=str(out), ledger=str(ledger_dir), tag=tag)
+    done_after: dict[int, set] = {}      # run -> done-set read right after its kill
+    run = 0
+    kills = torn_tails = 0
+    completed_run = None
+    while completed_run is None:
+        proc = Driver(dict(cfg, run=run), ledger_dir)
+        try:
+            proc.wait_ready()
+            if kills < max_kills:
+                rc = proc.wait(_kill_delay(rng))
+                if rc is None:
+                    workers_seen = own_children()
+                    proc.kill()
+                    kills += 1
+                    # workers die with their parent (PR_SET_PDEATHSIG); none may go on
+                    left = wait_gone(workers_seen, timeout=3)
+                    left += [p for p in own_children() if p not in left]
+                    if left:
+                        _describe(left)  # where it waits, for the report
+                        _kill_all(left)
+                    assert not left, f"workers {left} outlived the SIGKILLed driver (run {run})"
+                    torn_tails += _check_store_after_kill(out, run)
+                    done_after[run] = set(_store.read_contents(str(out)).done) \
+                        if out.exists() else set()
+                    run += 1
+                    continue
+            else:
+                rc = proc.finish(timeout=300)
+            assert rc == 0, f"driver run {run} failed (rc {rc}): {proc.stderr()}"
+            completed_run = run
+        finally:
+            proc.close()
+    figures = _check_phase(out, Ledger(ledger_dir), items, phase, done_after, completed_run)
+    figures.update(kills=kills, torn_tails=torn_tails, runs=completed_run + 1)
+    return figures
+
+
+def _describe(pids) -> None:
+    """Print what a surviving process is and where it waits (for the failure report)."""
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            print(f"survivor {pid}: ppid {proc.ppid()} status {proc.status()} "
+                  f"threads {proc.num_threads()} cmd {' '.join(proc.cmdline())[:150]}")
+        except psutil.Error as exc:
+            print(f"survivor {pid}: {exc}")
+            continue
+        if not shutil.which("gdb"):
+            continue
+        res = subprocess.run(["gdb", "-iex", "add-auto-load-safe-path /", "-p", str(pid),
+                              "-batch", "-ex", "py-bt"], capture_output=True, text=True,
+                             timeout=60)
+        print("\n".join(line for line in res.stdout.splitlines()
+                        if line.startswith(("  File", "    ", "Traceback"))))
+
+
+def _kill_all(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert wait_gone(pids, timeout=10) == []
+
+
+def _check_store_after_kill(out: Path, run: int) -> int:
+    """The store opens cleanly and the lock is free; returns 1 if a tail was torn."""
+    if not (out / _store.STATE_DIR).exists():
+        return 0
+    snap = nbmplock.read_snapshot(str(out))  # raises StoreCorruptError on mid-log damage
+    assert snap.holder_pid is None, f"lock still held by {snap.holder_pid} after kill {run}"
+    return int(snap.torn_bytes > 0)
+
+
+def _check_phase(out: Path, ledger: Ledger, items: list, phase: dict,
+                 done_after: dict[int, set], final_run: int) -> dict:
+    bound = in_flight_bound(phase)
+    item_set = set(items)
+    # a SIGKILL can tear at most the line being written at that instant
+    assert ledger.torn_lines <= len(done_after), ledger.torn_lines
+    # Everything the final run reported.
+    final = ledger.final(final_run)
+    assert final["violations"] == [], final["violations"]
+    assert final["completed"] is True
+    if phase["api"] == "value":
+        assert final["results"] == [driver.expected_result(i) for i in items]
+    snap = nbmplock.read_snapshot(str(out))
+    assert snap.torn_bytes == 0 and snap.holder_pid is None
+    done_final = _store.read_contents(str(out)).done
+    lost = item_set - done_final
+    unsaved = item_set - set(ledger.all_saved())
+    FIGURES.add("items_lost", len(lost | unsaved))
+    assert not lost, f"{len(lost)} items never recorded done: {sorted(lost)[:5]}"
+    assert not unsaved, f"{len(unsaved)} items never saved: {sorted(unsaved)[:5]}"
+    wrong = [i for i in item_set if ledger.saved_results[i] != driver.expected_result(i)]
+    assert not wrong, f"wrong results saved for {wrong[:5]}"
+    assert nbmplock.is_mp_lock_completed(items, str(out))
+
+    # Kill by kill.
+    in_flight_at: dict[int, set] = {}
+    saved_so_far: set = set()
+    previous: set = set()
+    max_in_flight = 0
+    for run in range(final_run + 1):
+        processed = ledger.processed.get(run, Counter())
+        saved = ledger.saved.get(run, Counter())
+        twice = [i for i, n in processed.items() if n > 1]
+        assert not twice, f"run {run} processed {twice[:5]} twice without any worker dying"
+        again = set(processed) & previous
+        assert not again, (f"run {run} processed {len(again)} items recorded done before it "
+                           f"started: {sorted(again)[:5]}")
+        resaved = set(saved) & previous
+        assert not resaved, f"run {run} saved items recorded done before: {sorted(resaved)[:5]}"
+        assert set(processed) <= item_set and set(saved) <= item_set
+        saved_so_far |= set(saved)
+        if run == final_run:
+            break
+        done = done_after[run]
+        assert previous <= done, f"the done-set shrank after kill {run}"
+        unsaved_done = done - saved_so_far
+        assert not unsaved_done, (f"after kill {run}, {len(unsaved_done)} items are recorded "
+                                  f"done but were never saved: {sorted(unsaved_done)[:5]}")
+        in_flight = (set(processed) | set(saved)) - done
+        assert len(in_flight) <= bound, (
+            f"{len(in_flight)} items were in flight at kill {run}; the bound is {bound}")
+        max_in_flight = max(max_in_flight, len(in_flight))
+        in_flight_at[run] = in_flight
+        previous = done
+
+    # Duplicates only among items in flight at a kill.
+    times_in_flight = Counter(i for s in in_flight_at.values() for i in s)
+    for name, counts in (("processed", ledger.all_processed()), ("saved", ledger.all_saved())):
+        extra = {i: n for i, n in counts.items() if n > 1 + times_in_flight[i]}
+        assert not extra, f"items {name} more often than kills caught them in flight: " \
+                          f"{list(extra.items())[:5]}"
+    duplicates = sum(n - 1 for n in ledger.all_processed().values() if n > 1)
+
+    # mp_lock_value in this process: nothing left to run, the stored results in order.
+    if phase["api"] == "value":
+        shared = {"ledger": str(ledger.path), "run": final_run + 1, "work_ms": [0.5, 2.0]}
+        values = nbmplock.mp_lock_value(items, driver.process, None, phase["workers"],
+                                        str(out), shared_data=shared,
+                                        init_function=driver.init, verbose=False,
+                                        chunk_size=phase["chunk_size"])
+        assert values == [driver.expected_result(i) for i in items]
+        assert not list(ledger.path.glob(f"processed-r{final_run + 1:04d}-*")), \
+            "mp_lock_value on a completed run processed items again"
+    return dict(max_in_flight=max_in_flight, bound=bound, duplicates=duplicates)
+
+
+def kill_loop(tmp_path: Path, rng, seed, min_kills: int, max_kills_per_phase: int,
+              budget_s: float) -> None:
+    print(f"kill loop: seed {seed}, at least {min_kills} kills")
+    started = time.monotonic()
+    total_kills = index = 0
+    while total_kills < min_kills:
+        assert time.monotonic() - started < budget_s, (
+            f"only {total_kills} kills in {budget_s} s")
+        phase = PHASES[index % len(PHASES)]
+        figures = run_phase(tmp_path, index, phase, rng, max_kills_per_phase)
+        print(f"phase {index} {phase}: {figures}")
+        total_kills += figures["kills"]
+        FIGURES.add("kills_survived", figures["kills"])
+        FIGURES.add("kill_loop_items", phase["n_items"])
+        FIGURES.add("kill_loop_duplicates", figures["duplicates"])
+        FIGURES.add("torn_tails_after_kill", figures["torn_tails"])
+        FIGURES.maximum("max_in_flight_at_kill", figures["max_in_flight"])
+        index += 1
+    FIGURES.add("faults_injected", total_kills)
+    print(f"kill loop: {total_kills} kills over {index} phases in "
+          f"{time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.timeout(240)
+def test_kill_loop(tmp_path, rng, seed):
+    kill_loop(tmp_path, rng, seed, min_kills=40, max_kills_per_phase=10, budget_s=200)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(7200)
+def test_kill_loop_soak(tmp_path, rng, seed):
+    kills = int(os.environ.get("NBMPLOCK_SOAK_KILLS", "400"))
+    kill_loop(tmp_path, rng, seed, min_kills=kills, max_kills_per_phase=40, budget_s=7000)
+
+
+@pytest.mark.timeout(60)
+def test_driver_sigkill_leaves_no_worker(tmp_path):
+    """The orphan check itself: a SIGKILLed driver's workers are gone within a second."""
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    proc = Driver(dict(run=0, out=str(tmp_path / "out"), ledger=str(ledger), n_items=50_000,
+                       workers=2, chunk_size=4), ledger)
+    try:
+        proc.wait_ready()
+        deadline = time.monotonic() + 20
+        while len(list(ledger.glob("processed-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers = [p for p in own_children() if p != proc.pid]
+        assert len(workers) >= 2, workers
+        proc.signal(signal.SIGKILL)
+        proc.proc.wait(10)
+        assert wait_gone(workers, timeout=5) == []
+    finally:
+        proc.close()
+    FIGURES.add("faults_injected")
+
+
+@pytest.mark.timeout(60)
+def test_worker_forked_as_the_driver_dies_does_not_outlive_it(tmp_path):
+    """A worker forked an instant before its parent is killed must not outlive it.
+
+    Found by the kill loop (~1-2% of SIGKILLs during start-up; fixed in 40f894e):
+    PR_SET_PDEATHSIG was set after the fork with no getppid() check, and the child
+    kept the parent's end of its own task pipe, so it waited for a task forever.
+    Here the window is made wide: every worker takes 1 s from fork to its first line.
+    """
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    proc = Driver(dict(run=0, out=str(tmp_path / "out"), ledger=str(ledger), n_items=100,
+                       workers=2, chunk_size=4, child_start_delay=1.0), ledger)
+    workers: list[int] = []
+    try:
+        proc.wait_ready()
+        deadline = time.monotonic() + 20
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = descendants(proc.pid)
+            time.sleep(0.005)
+        assert len(workers) == 2, workers
+        proc.kill()  # both workers are forked and still starting
+        left = wait_gone(workers, timeout=5)
+        assert left == [], f"workers {left} outlived their SIGKILLed parent"
+    finally:
+        proc.close()
+        _kill_all([p for p in workers if wait_gone([p], 0)])
+
+
+@pytest.mark.timeout(180)
+def test_kill_during_log_compaction(tmp_path, rng):
+    """A log of over 4096 records is compacted when a run opens it: kill it meanwhile.
+
+    Compaction rewrites the log into a temporary file and renames it over the old
+    one; a SIGKILL at any instant must leave a log that opens, with every done item.
+    Each repetition starts from a copy of the same uncompacted run directory.
+    """
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir()
+    base_out = tmp_path / "base"
+    base = dict(ledger=str(ledger_dir), workers=2, chunk_size=1, save_batch=1,
+                work_ms=[0.0, 0.05], api="value", tag="c")
+    first = driver.make_items(_store._COMPACT_MIN_RECORDS + 500, "c")
+    proc = Driver(dict(base, out=str(base_out), run=0, n_items=len(first)), ledger_dir)
+    try:
+        proc.wait_ready()
+        assert proc.finish(timeout=120) == 0, proc.stderr()
+    finally:
+        proc.close()
+    base_log = base_out / _store.STATE_DIR / "log"
+    assert _store.read_contents(str(base_out)).records > _store._COMPACT_MIN_RECORDS
+    # A longer list: the COMPLETE mark does not match it, so opening scans and compacts.
+    second = driver.make_items(len(first) + 3000, "c")
+    reps, mid_compaction, compacted = 25, 0, 0
+    window = None  # seconds from READY until compaction replaced the log, measured once
+    for rep in range(reps):
+        out = tmp_path / f"rep{rep}"
+        shutil.copytree(base_out, out)
+        log = out / _store.STATE_DIR / "log"
+        proc = Driver(dict(base, out=str(out), run=1 + rep, n_items=len(second)), ledger_dir)
+        try:
+            proc.wait_ready()
+            started = time.monotonic()
+            if window is None:  # calibrate: watch for the new log, then kill
+                while log.stat().st_size == base_log.stat().st_size:
+                    assert time.monotonic() - started < 20, "no compaction happened"
+                    time.sleep(0.0005)
+                window = time.monotonic() - started
+            else:  # aim around the compaction
+                rc = proc.wait(rng.uniform(0.3, 1.1) * window)
+                assert rc is None, f"the resume finished early: {proc.stderr()}"
+            proc.kill()
+        finally:
+            proc.close()
+        assert wait_gone(own_children(), timeout=3) == []
+        mid_compaction += (out / _store.STATE_DIR / "log.compact").exists()
+        compacted += log.stat().st_size != base_log.stat().st_size
+        snap = nbmplock.read_snapshot(str(out))
+        assert snap.holder_pid is None
+        assert set(first) <= _store.read_contents(str(out)).done, \
+            f"a kill during compaction lost done items (rep {rep})"
+    # the last copy resumes to completion, running none of the first list again
+    last = reps
+    proc = Driver(dict(base, out=str(out), run=1 + last, n_items=len(second)), ledger_dir)
+    try:
+        proc.wait_ready()
+        assert proc.finish(timeout=120) == 0, proc.stderr()
+    finally:
+        proc.close()
+    assert _store.read_contents(str(out)).done >= set(second)
+    led = Ledger(ledger_dir)
+    again = {i for r, c in led.processed.items() if r > 0 for i in c if i in set(first)}
+    assert not again, f"items done before the compaction ran again: {sorted(again)[:5]}"
+    print(f"compaction: {reps} kills, {mid_compaction} left a half-written compaction, "
+          f"{compacted} after it replaced the log (window {window * 1000:.1f} ms)")
+    FIGURES.add("kills_survived", reps)
+    FIGURES.add("kills_during_compaction", mid_compaction)
+    FIGURES.add("faults_injected", reps)
