@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 
 @dataclass(eq=False)
 class Chunk:
-    """Items sent to one worker together."""
+    """Items sent to one worker together.
+
+    ``span`` is ``(start, stop)`` when the items are ``data_list[start:stop]``:
+    a forked worker, which has the list already, is sent only the span.
+    """
 
     id: int
     items: list[str]
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class WorkPayload:
     shared_data: Any
     batch_size: int | None
     want_results: bool
+    items: Sequence[str] | None = None  # the job's data_list, for spans
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,10 @@ class LocalBackend:
         args = (payload.process, payload.init_function, payload.shared_data,
                 payload.batch_size)
         self._payload = args if self._fork else (serialized or serialize_payload(args))
+        # Forked workers have data_list already: chunks of it travel as spans.
+        self._items = payload.items if self._fork else None
         self._want_results = payload.want_results
+        self._unit = payload.batch_size or 1
         self._timeout = item_timeout
         self._close_fds = close_fds if self._fork else []
         self._stop_flag = self._ctx.RawValue("i", 0)
@@ -171,7 +174,8 @@ class LocalBackend:
         proc = self._ctx.Process(
             target=_worker.main, name=f"nbmplock-w{index}", daemon=True,
             args=(task_r, res_w, out_w, self._payload, slot, self._stop_flag,
-                  close_fds, self._want_results, self._parent_pid))
+                  close_fds, self._want_results, self._parent_pid, self._timeout is not None,
+                  self._items))
         proc.start()
         for end in (task_r, res_w, out_w):
             end.close()
@@ -189,7 +193,8 @@ class LocalBackend:
     def submit(self, chunk: Chunk) -> None:
         worker = min((w for w in self._workers.values() if self._accepts(w)),
                      key=lambda w: len(w.chunks))
-        data = _worker.dumps((chunk.id, chunk.items))
+        sent = chunk.span if chunk.span is not None and self._items is not None else chunk.items
+        data = _worker.dumps((chunk.id, sent))
         worker.chunks.append(chunk)
         worker.queued.append(len(data) + 8)
         if sum(worker.queued) <= worker.room:
@@ -310,8 +315,9 @@ class LocalBackend:
         blame = None
         seconds = None
         if worker.chunks and worker.slot[1] >= 0 and int(worker.slot[0]) == worker.chunks[0].id:
-            blame = (worker.chunks[0], int(worker.slot[1]))
-            seconds = time.monotonic() - worker.slot[2]
+            blame = (worker.chunks[0], int(worker.slot[1]) * self._unit)
+            if self._timeout is not None:  # item start times are kept only then
+                seconds = time.monotonic() - worker.slot[2]
         pid = worker.process.pid
         self._close_worker(worker)
         del self._workers[worker.index]

@@ -22,9 +22,9 @@ import marshal
 import pickle
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import filterfalse, islice
+from itertools import filterfalse
 
 from ._backend import Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput, WorkPayload
 from ._errors import (ItemTimeoutError, RemoteTraceback, SerializationError, WorkerDiedError,
@@ -110,7 +110,8 @@ class Runner:
         self._stopping = False
         self._killed = False
         self._error: BaseException | None = None
-        self._source: Iterator[str] | None = None
+        self._source: Sequence[str] | None = None  # what is left to dispatch, from _cursor
+        self._cursor = 0
         self._retry: deque = deque()
         self._attempts: dict = {}
         self._per_item: float | None = None
@@ -131,7 +132,7 @@ class Runner:
         """Lock the run directory and plan the work. Raises before any work starts."""
         spec = self.spec
         self._payload = WorkPayload(spec.process, spec.init_function, spec.shared_data,
-                                    self.opts.batch_size, self._want_results())
+                                    self.opts.batch_size, self._want_results(), spec.items)
         check = getattr(self._backend_factory, "check", None)
         if check is not None:
             check(self._payload)  # e.g. unpicklable under spawn: before the disk is touched
@@ -180,7 +181,7 @@ class Runner:
             pending = [i for i in (items if pending is None else pending) if i in failures]
             left = len(pending)
         c.to_do = left
-        self._source = iter(items if pending is None else pending)
+        self._source = items if pending is None else pending
         sample = items[:1000]
         self._avg_item_bytes = sum(len(i.encode("utf-8", "surrogatepass")) for i in sample) / len(sample) + 8
         return n_distinct
@@ -270,19 +271,24 @@ class Runner:
 
     def _dispatch(self, backend) -> None:
         while backend.free_slots() > 0:
+            span = None
             if self._retry:
                 unit = self.opts.batch_size or 1
                 items = [self._retry.popleft() for _ in range(min(unit, len(self._retry)))]
             elif self._source is not None:
-                items = list(islice(self._source, self._chunk_size(backend.workers)))
-                if not items:
+                start = self._cursor
+                stop = min(start + self._chunk_size(backend.workers), len(self._source))
+                if start >= stop:
                     self._source = None
                     continue
+                items = self._source[start:stop]
+                span = (start, stop) if self._source is self.spec.items else None
+                self._cursor = stop
                 self._dispatched += len(items)
             else:
                 return
             self._chunk_ids += 1
-            backend.submit(Chunk(self._chunk_ids, items))
+            backend.submit(Chunk(self._chunk_ids, items, span))
             self.counters.in_flight += len(items)
             self._dirty = True
 

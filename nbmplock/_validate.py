@@ -145,7 +145,8 @@ def make_spec(items: object, process: object, out_path: object, *,
               save_callback: object = None, shared_data: Any = None,
               init_function: object = None, options: Options) -> Spec:
     """Check the job's own arguments; ``options`` comes from :func:`make_options`."""
-    items = check_items("data_list", items)
+    # A snapshot: the run (and forked workers) must see the list as it was given.
+    items = list(check_items("data_list", items))
     if not callable(process):
         raise InvalidArgumentsError("process", "a callable process(item, shared_data, init_values)",
                                     f"got {type(process).__name__}")

@@ -122,50 +122,80 @@ def _without_unpicklable(msg):
     return kind, chunk_id, n_run, clean, failures, seconds
 
 
-def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_flag):
+class _Value0:
+    """``flag[0]`` for a stop flag that only has ``.value`` (the Dask backend's)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __getitem__(self, index):
+        return self.obj.value
+
+
+def _view(shared, fmt: str, fallback):
+    """A memoryview on shared ctypes memory: indexing it is cheaper than ctypes'."""
+    try:
+        return memoryview(shared).cast("B").cast(fmt)
+    except TypeError:
+        return fallback
+
+
+def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_flag,
+              timing: bool = True):
     """Run ``items`` in order; the one loop every backend uses.
 
     Returns ``(n_run, results, failures, seconds)`` as in the protocol above.
-    ``slot[1:3]`` is set to (position, start time) before each call and
-    ``slot[1]`` to -1 after the last; ``stop_flag.value`` set ends early.
+    ``slot[1]`` is set to the index of the unit (item, or batch of
+    ``batch_size`` items) before each call of ``process`` (and to -1 after the
+    last), ``slot[2]`` to its start time when ``timing`` (needed for
+    ``item_timeout``; it costs a clock read per item); ``stop_flag.value`` set
+    ends the chunk early. The loop is kept tight: it is the per-item cost.
     """
-    unit = batch_size or 1
+    step = batch_size or 1
+    units = items if batch_size is None else [items[i:i + step]
+                                              for i in range(0, len(items), step)]
+    flag = _view(stop_flag, "i", _Value0(stop_flag))
+    where = _view(slot, "d", slot)
     clock = time.monotonic
     results: list = []
+    append = results.append
     failures: list = []
-    n = len(items)
-    pos = 0
+    started = None
+    n_run = len(items)
     chunk_start = time.perf_counter()
-    while pos < n:
-        if stop_flag.value:
+    for index, unit in enumerate(units):
+        if flag[0]:
+            n_run = index * step
             break
-        slot[1] = pos
-        started = slot[2] = clock()
+        where[1] = index
+        if timing:
+            started = where[2] = clock()
         try:
             if batch_size is None:
-                results.append(process(items[pos], shared_data, init_values))
+                append(process(unit, shared_data, init_values))
             else:
-                batch = items[pos:pos + unit]
-                out = process(batch, shared_data, init_values)
-                if not isinstance(out, (list, tuple)) or len(out) != len(batch):
+                out = process(unit, shared_data, init_values)
+                if not isinstance(out, (list, tuple)) or len(out) != len(unit):
                     got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
-                    raise TypeError(f"process() got a batch of {len(batch)} items and must "
-                                    f"return a list of {len(batch)} results, got {got}")
+                    raise TypeError(f"process() got a batch of {len(unit)} items and must "
+                                    f"return a list of {len(unit)} results, got {got}")
                 results.extend(out)
         except Exception as exc:
-            count = 1 if batch_size is None else len(items[pos:pos + unit])
+            count = 1 if batch_size is None else len(unit)
             if exc.__traceback__ is not None:  # start the traceback at the user's frame
                 exc = exc.with_traceback(exc.__traceback__.tb_next)
-            failures.append((pos, count, *describe_exception(exc), clock() - started,
+            seconds = clock() - started if started is not None else None
+            failures.append((index * step, count, *describe_exception(exc), seconds,
                              "exception"))
             results.extend([None] * count)
-        pos += unit
-    slot[1] = -1.0
-    return min(pos, n), results, failures, time.perf_counter() - chunk_start
+    where[1] = -1.0
+    return n_run, results, failures, time.perf_counter() - chunk_start
 
 
 def main(tasks, conn, out_conn, payload, slot, stop_flag, close_fds, want_results,
-         parent_pid) -> None:
+         parent_pid, timing, all_items=None) -> None:
     """Entry point of a worker process (``multiprocess.Process`` target).
 
     ``close_fds`` are descriptors a forked worker inherited and must not keep:
@@ -204,9 +234,11 @@ def main(tasks, conn, out_conn, payload, slot, stop_flag, close_fds, want_result
         if not msg:
             break
         chunk_id, items = pickle.loads(msg)
+        if type(items) is tuple:  # a span of data_list, which a forked worker has
+            items = all_items[items[0]:items[1]]
         slot[0] = chunk_id
         n_run, results, failures, seconds = run_chunk(
-            items, process, shared_data, init_values, batch_size, slot, stop_flag)
+            items, process, shared_data, init_values, batch_size, slot, stop_flag, timing)
         _flush_output()
         _send_chunk(conn, chunk_id, n_run, results if want_results else None,
                     failures, seconds)
