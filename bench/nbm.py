@@ -101,11 +101,16 @@ def run_mp_lock_value(task: Task, items: Sequence[str], workers: int, scratch: P
 
 
 def run_job_panel(task: Task, items: Sequence[str], workers: int, scratch: Path) -> None:
-    """``nbmplock.Job`` driven with a headless ``Panel`` attached."""
+    """``nbmplock.Job`` driven with a headless ``Panel`` attached.
+
+    ``keep_results=False`` so that it does what ``mp_lock`` does (which keeps
+    no results): the difference is the price of the Job and its panel only.
+    """
     import nbmplock
     from nbmplock._panel import Panel
 
-    job = nbmplock.Job(items, task.nbm, out_path=os.fspath(scratch), num_procs=workers, errors="raise")
+    job = nbmplock.Job(items, task.nbm, out_path=os.fspath(scratch), num_procs=workers,
+                       errors="raise", keep_results=False)
     panel = Panel(job)
     job.start()
     job.wait()

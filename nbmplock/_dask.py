@@ -13,19 +13,29 @@ How the protocol maps onto Dask
 Functions and ``shared_data`` once
     ``(process, init_function, shared_data, batch_size)`` is serialised with
     dill (``recurse=True``: notebook functions travel with their globals) into
-    one blob, sent to the cluster once as the result of a tiny task, and every
-    chunk task takes that one future as an argument: each worker fetches it
-    once (from a peer) and keeps it while it has chunks to run. Not
-    ``scatter(broadcast=True)``: scattered data whose every holder dies is lost
-    for good and cancels every chunk, while a task's result is computed again.
-    Nothing is sent per item or per chunk.
+    one blob, stored once on the scheduler in a ``distributed.Variable``. The
+    first chunk of a run in a worker process reads it; later chunks use the
+    per-process cache below. Nothing is sent per item or per chunk. Why not a
+    scattered blob or a task's result passed to every chunk task: Dask runs a
+    task only on workers that hold its dependencies (every chunk would pile
+    onto the one holder), scattered data whose holders all die is lost for
+    good, and a task's result is lost, and counted as killed, with the
+    workers it shares (a poison item would take it down). The scheduler
+    serves the blob once per worker process, so big data belongs on shared
+    storage, loaded by ``init_function`` (a warning says so above
+    :data:`LARGE_PAYLOAD` bytes). The Variable is deleted at shutdown; a
+    driver killed mid-run leaves its blob on the scheduler until the cluster
+    restarts.
 ``init_function`` once per worker process
     The task function keeps a per-process cache keyed by the run's token
     (a new token per run). The first task of a run in a worker process loads
     the payload and calls ``init_function`` under a lock; later tasks reuse
     ``init_values``. A replacement worker starts with an empty cache, so init
     runs again there. With ``threads_per_worker > 1`` the worker's threads
-    share one ``init_values``. At shutdown every worker drops the run's entry.
+    share one ``init_values`` (``process`` must then be thread-safe). At
+    shutdown every worker drops the run's entry; the entry of a driver that
+    was killed is dropped when another run starts on that worker after
+    :data:`STALE_AFTER` idle seconds.
 One task per chunk, bounded
     Each :meth:`DaskBackend.submit` is one task running
     :func:`nbmplock._worker.run_chunk`, the loop every backend shares, so
@@ -47,11 +57,17 @@ Stop
     the event and its results are discarded.
 Lost workers
     When a worker dies mid-task, the scheduler runs the task again on another
-    worker (up to ``distributed.scheduler.allowed-failures`` times). After that
-    the future errs with ``KilledWorker``: a chunk of several units comes back
-    as :class:`ChunksLost` without blame (the runner re-sends its items one
-    unit per chunk), a chunk of one unit blames that unit (it fails). A
-    cluster without workers for :data:`NO_WORKERS_TIMEOUT` seconds, a lost
+    worker (up to ``distributed.scheduler.allowed-failures`` times, default 3).
+    After that the future errs with ``KilledWorker``. Dask counts the death
+    against every task assigned to that worker, not only the one running, so
+    the first ``KilledWorker`` of a chunk is only a retry: it comes back as
+    :class:`ChunksLost` without blame and the runner re-sends its items one
+    unit per chunk. A unit lost again is blamed: it fails with kind
+    ``"died"`` (``WorkerDiedError`` under ``errors="raise"``; ``max_retries``
+    tries it again). An item that kills its worker therefore costs about
+    ``2 x (allowed-failures + 1)`` worker restarts before it fails, and an
+    item that shared a worker with it through both rounds may fail with it.
+    A cluster without workers for :data:`NO_WORKERS_TIMEOUT` seconds, a lost
     scheduler, or workers that keep dying before any task succeeded end the
     run with a clear error. Never a hang.
 ``item_timeout`` (best effort)
@@ -107,12 +123,16 @@ STOP_POLL = 0.2
 REFRESH = 2.0
 #: A run whose cluster has had no worker this long fails instead of waiting.
 NO_WORKERS_TIMEOUT = 120.0
-#: Tasks lost to dying workers, before any task succeeded, that end the run.
+#: Units blamed for dying workers, before any task succeeded, that end the run.
 MAX_START_DEATHS = 3
 #: Output kept per chunk (characters); the rest is dropped with a note.
 MAX_OUTPUT_CHARS = 1 << 20
 #: A worker forgets a run's init_values after this long unused (its driver was killed).
 STALE_AFTER = 300.0
+#: Above this size (bytes) the payload gets a warning: the scheduler serves it.
+LARGE_PAYLOAD = 50_000_000
+#: How long a worker waits for the run's payload (seconds).
+PAYLOAD_TIMEOUT = 120.0
 #: Bound on each cleanup call to the cluster during shutdown (seconds).
 CALL_TIMEOUT = 10.0
 
@@ -168,6 +188,10 @@ class DaskBackend:
     >>> nbmplock.run(items, process, "runs/x", backend=Client())     # doctest: +SKIP
     """
 
+    #: Items per task are capped at about this many bytes: a task's arguments go
+    #: through the scheduler.
+    max_task_bytes = 1 << 20
+
     def __init__(self, payload: WorkPayload, backend, *, workers: int | None = None,
                  item_timeout: float | None = None):
         self._dd = import_distributed()
@@ -180,9 +204,10 @@ class DaskBackend:
         self._timeout = item_timeout
         self._token = uuid.uuid4().hex
         self._stop_name = f"nbmplock-stop-{self._token}"
+        self._payload_name = f"nbmplock-payload-{self._token}"
+        self._variable = None
         self._client = None
         self._owns_client = False
-        self._payload_future = None
         self._event = None
         self._chunks: dict = {}          # task key -> (Chunk, Future); runner thread only
         self._items_in_flight = 0
@@ -194,6 +219,7 @@ class DaskBackend:
         self._fatal = False
         self._succeeded = False
         self._start_deaths = 0
+        self._lost: dict = {}  # items of chunks lost to KilledWorker (insertion-ordered set)
         self._next_refresh = 0.0
         self._no_workers_since: float | None = None
 
@@ -220,11 +246,12 @@ class DaskBackend:
         client = self._client
         data = serialize_payload(self._payload)
         n_workers, threads = _cluster_size(client)
-        # One task's result, not scattered data: when every worker holding it dies,
-        # the scheduler computes it again (lost scattered data would cancel every
-        # chunk). Each worker fetches it once, from a peer, for its first chunk.
-        self._payload_future = client.submit(_identity, data,
-                                             key=f"nbmplock-payload-{self._token}")
+        if len(data) > LARGE_PAYLOAD:
+            log.warning("nbmplock: process, init_function and shared_data take %.0f MB; the "
+                        "Dask scheduler sends them to every worker process. Put large data "
+                        "on shared storage and load it in init_function.", len(data) / 1e6)
+        self._variable = dd.Variable(self._payload_name, client=client)
+        self._variable.set(data)
         self._event = dd.Event(self._stop_name, client=client)
         self._apply_size(n_workers, threads, time.monotonic())
 
@@ -236,7 +263,7 @@ class DaskBackend:
     def submit(self, chunk: Chunk) -> None:
         key = f"nbmplock-{self._token}-{chunk.id}"
         blob = pickle.dumps(chunk.items, protocol=pickle.HIGHEST_PROTOCOL)  # opaque to Dask
-        future = self._client.submit(_run_task, self._payload_future, self._token,
+        future = self._client.submit(_run_task, self._payload_name, self._token,
                                      self._stop_name, blob, self._want_results,
                                      self._timeout, key=key)
         self._chunks[key] = (chunk, future)
@@ -256,7 +283,10 @@ class DaskBackend:
             return
         self._stopping = True
         pending = {key: future for key, (_, future) in self._chunks.items()}
-        self._helper(self._stop_tasks, pending)
+        if self._fatal:
+            self._helper(self._cancel_all, list(pending.values()))
+        else:
+            self._helper(self._stop_tasks, pending)
 
     def kill(self) -> list:
         """Forced: cancel every task now; their chunks come back as lost."""
@@ -291,12 +321,12 @@ class DaskBackend:
             thread.join(CALL_TIMEOUT)
         _bounded(lambda: client.run(_forget_job, self._token, on_error="ignore"),
                  CALL_TIMEOUT)
-        if not keep_event:
-            # Tasks cancelled while running read the event until they return.
+        # After a forced stop, tasks cancelled while running read the event until they
+        # return: it stays set (one tiny entry on the scheduler). Otherwise free it.
+        if self._event is not None and not keep_event:
             _bounded(self._event.clear, CALL_TIMEOUT)
-        payload, self._payload_future = self._payload_future, None
-        if payload is not None:
-            _bounded(payload.release, CALL_TIMEOUT)
+        if self._variable is not None:
+            _bounded(self._variable.delete, CALL_TIMEOUT)
         if self._owns_client:
             _bounded(client.close, CALL_TIMEOUT + 5)
 
@@ -434,10 +464,15 @@ class DaskBackend:
         if chunk is None:
             return
         if isinstance(exc, self._dd.KilledWorker):
-            blame = (chunk, 0) if len(chunk.items) <= self._unit else None
+            # Dask cannot say which of the tasks on a dying worker killed it: every
+            # task assigned there counts. So a lost chunk first comes back whole (its
+            # items return one unit per chunk); a unit lost a second time is blamed.
+            again = any(item in self._lost for item in chunk.items)
+            self._lost.update(dict.fromkeys(chunk.items))
+            blame = (chunk, 0) if again and len(chunk.items) <= self._unit else None
             message = f"the Dask workers running it died (KilledWorker: {_short(exc)})"
             events.append(ChunksLost([chunk], blame, "died", message, _last_worker(exc)))
-            if not self._succeeded:
+            if blame is not None and not self._succeeded:
                 self._start_deaths += 1
                 if self._start_deaths >= MAX_START_DEATHS:
                     self._fail(events, WorkerDiedError(
@@ -478,6 +513,8 @@ class DaskBackend:
         events.append(ChunksLost([chunk], None, "died", "task cancelled by the cluster", "dask"))
 
     def _fail(self, events: list, error: BaseException) -> None:
+        """End the run: the runner stops, and no task is worth finishing, so the
+        stop cancels every task (a task left to run would only kill more workers)."""
         if not self._fatal:
             self._fatal = True
             events.append(Fatal(error))
@@ -549,10 +586,6 @@ def _last_worker(exc: BaseException) -> str:
     return f"dask-{name}" if isinstance(name, int) else str(name)
 
 
-def _identity(value):
-    return value
-
-
 # ==========================================================================
 # The worker side: runs inside Dask worker processes
 # ==========================================================================
@@ -579,7 +612,7 @@ _STOPPED_KEEP = 1024
 _local = threading.local()
 
 
-def _job(token: str, payload: bytes) -> _JobCache:
+def _job(token: str, payload_name: str) -> _JobCache:
     """This process's cache entry of the run; loads and initialises it the first time.
 
     The caller holds it (``active``) until :func:`_release`. A new run evicts the
@@ -595,10 +628,20 @@ def _job(token: str, payload: bytes) -> _JobCache:
                     del _jobs[old_token]
             job = _jobs[token] = _JobCache()
         job.active += 1
+    if job.ready:
+        return job
+    # Fetched before taking the lock, so that a slow fetch holds no other thread.
+    blob = fetch_error = None
+    try:
+        blob = _fetch_payload(payload_name)
+    except BaseException as exc:  # noqa: BLE001 - reported to the driver
+        fetch_error = exc
     with job.lock:
         if not job.ready:
             try:
-                process, init_function, shared_data, batch_size = dill.loads(payload)
+                if fetch_error is not None:
+                    raise fetch_error
+                process, init_function, shared_data, batch_size = dill.loads(blob)
                 init_values = init_function(shared_data) if init_function is not None else {}
             except BaseException as exc:  # noqa: BLE001 - reported to the driver
                 job.error = _worker.describe_exception(exc)
@@ -607,6 +650,13 @@ def _job(token: str, payload: bytes) -> _JobCache:
                 job.batch_size, job.init_values = batch_size, init_values
             job.ready = True
     return job
+
+
+def _fetch_payload(name: str) -> bytes:
+    """The run's payload blob, from the scheduler's Variable ``name``."""
+    from distributed import Variable
+
+    return Variable(name).get(timeout=PAYLOAD_TIMEOUT)
 
 
 def _release(job: _JobCache) -> None:
@@ -787,11 +837,19 @@ class _Watchdog:
 _watchdog = _Watchdog()
 
 
-def _with_timeout(process, seconds: float, slot: list):
-    """``process`` interrupted after ``seconds``; also the set of positions that were."""
+def _with_timeout(process, seconds: float, step: int):
+    """``process`` interrupted after ``seconds``; also the set of positions that were.
+
+    ``run_chunk`` calls it once per unit (an item, or a batch of ``step`` items),
+    in order, so the n-th call is the unit at position ``n * step``.
+    """
     timed_out: set = set()
+    calls = 0
 
     def guarded(item, shared_data, init_values):
+        nonlocal calls
+        position = calls * step
+        calls += 1
         thread_id = threading.get_ident()
         try:
             _watchdog.arm(thread_id, time.monotonic() + seconds)
@@ -800,7 +858,7 @@ def _with_timeout(process, seconds: float, slot: list):
             finally:
                 _watchdog.disarm(thread_id)
         except _Interrupt:
-            timed_out.add(int(slot[1]))
+            timed_out.add(position)
             raise ItemTimeoutError(
                 f"the item ran longer than item_timeout={seconds:g} s and was interrupted "
                 "in its Dask worker thread") from None
@@ -808,7 +866,7 @@ def _with_timeout(process, seconds: float, slot: list):
     return guarded, timed_out
 
 
-def _run_task(payload: bytes, token: str, stop_name: str, blob: bytes, want_results: bool,
+def _run_task(payload_name: str, token: str, stop_name: str, blob: bytes, want_results: bool,
               item_timeout: float | None) -> tuple:
     """One chunk on a Dask worker: ``(label, output, kind, body)``.
 
@@ -824,14 +882,14 @@ def _run_task(payload: bytes, token: str, stop_name: str, blob: bytes, want_resu
     capture = _local.capture = _Capture()
     job = None
     try:
-        job = _job(token, payload)
+        job = _job(token, payload_name)
         if job.error is not None:
             return label, capture.text(), "init_error", job.error
         items = pickle.loads(blob)
         slot = [0.0, -1.0, 0.0]
         process, timed_out = job.process, None
         if item_timeout is not None:
-            process, timed_out = _with_timeout(job.process, item_timeout, slot)
+            process, timed_out = _with_timeout(job.process, item_timeout, job.batch_size or 1)
         n_run, results, failures, seconds = _worker.run_chunk(
             items, process, job.shared_data, job.init_values, job.batch_size, slot,
             _StopFlag(token, stop_name))

@@ -263,7 +263,8 @@ class Runner:
         elif self._per_item is None:
             size = unit
         else:
-            size = int(TARGET_CHUNK_SECONDS / max(self._per_item, 1e-7))
+            target = getattr(self._backend, "target_chunk_seconds", TARGET_CHUNK_SECONDS)
+            size = int(target / max(self._per_item, 1e-7))
             remaining = self.counters.to_do - self._dispatched
             size = min(size, MAX_CHUNK_ITEMS, self._bytes_cap,
                        max(unit, remaining // (2 * workers)))

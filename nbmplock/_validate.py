@@ -127,6 +127,9 @@ def make_options(*, num_procs: object = None, save_batch: object = 10,
         raise InvalidArgumentsError(
             "backend", "None, a dask distributed.Client or a scheduler address str",
             f"got {type(backend).__name__}")
+    if backend is not None:  # a missing extra is bad input too: say so before any work
+        from ._dask import import_distributed
+        import_distributed()
     return Options(
         num_procs=num_procs,
         save_batch=positive_int("save_batch", save_batch),

@@ -1,0 +1,303 @@
+"""nbmplock on Dask against Dask's own ``client.map``, on a 2-worker LocalCluster.
+
+``python -m bench.dask_bench [--quick] [--repeats N]`` from the repository root.
+
+For W1 (trivial items), W2 (~10 ms pure-Python CPU per item) and W4 (skewed:
+the first 10% of items 50 ms, the rest 1 ms) it times, on one
+``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)``:
+
+* **plain Dask**: ``client.map`` over batches of ``B`` items (each task runs
+  the batch in a list comprehension), then ``client.gather``; results flattened.
+  This is the code a Dask user writes, and the reference of the targets;
+* **plain Dask, tuned**: the same, but each batch goes in and its results come
+  back as one pickle (Dask handles a large list argument or result element by
+  element, which costs it ~0.1-0.2 s per 10,000 elements; nbmplock's tasks do
+  the same trick);
+* **nbmplock**: ``mp_lock_value(items, fn, None, None, out_path, backend=client,
+  chunk_size=B)``: the same batches, plus a run directory on disk, the done
+  records, results in item order, stop/resume machinery;
+* **nbmplock, adaptive chunks**: the same without ``chunk_size`` (what a user
+  gets by default; for information).
+
+Every run starts from submission and ends with every result in the driver.
+Repeats are interleaved (repeat 1 of every variant, then repeat 2, ...; the
+order rotates each repeat) so machine drift hits all alike. Medians are
+reported with min-max. Targets (issue 7): W1 nbmplock within 1.3x of plain
+Dask; W2 speedup at least 0.9 x ideal (ideal = 2 workers; the serial time is
+measured in this process, each repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pickle
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from .workloads import (busy_item, busy_item_nbm, busy_items, calibrate_loops_per_ms,
+                        item_length, item_length_nbm, label_items, loops_for_ms, skewed_items)
+
+WORKERS = 2
+
+
+# -- what runs on the workers (module level: pickled by reference) -------------------
+
+def run_batch_length(batch: list) -> list:
+    return [item_length(item) for item in batch]
+
+
+def run_batch_busy(batch: list) -> list:
+    return [busy_item(item) for item in batch]
+
+
+def run_blob(fn: Callable[[str], object], blob: bytes) -> bytes:
+    """Tuned: the batch in and the results out as one pickle each, opaque to Dask."""
+    return pickle.dumps([fn(item) for item in pickle.loads(blob)],
+                        protocol=pickle.HIGHEST_PROTOCOL)
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    items: list
+    plain_batch: Callable[[list], list]
+    nbm: Callable
+    serial: Callable[[str], object]
+    batch: int
+    cpu_bound: bool
+
+
+@dataclass
+class Timing:
+    seconds: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+
+    @property
+    def median(self) -> Optional[float]:
+        return statistics.median(self.seconds) if self.seconds else None
+
+    def span(self) -> str:
+        if not self.seconds:
+            return "—"
+        return f"{self.median:.3f} ({min(self.seconds):.3f}–{max(self.seconds):.3f})"
+
+
+# -- the variants -------------------------------------------------------------------------
+
+def plain_dask(client, w: Workload, scratch: str) -> int:
+    batches = [w.items[i:i + w.batch] for i in range(0, len(w.items), w.batch)]
+    futures = client.map(w.plain_batch, batches, pure=False)
+    results = [r for part in client.gather(futures) for r in part]
+    del futures
+    return len(results)
+
+
+def plain_dask_tuned(client, w: Workload, scratch: str) -> int:
+    blobs = [pickle.dumps(w.items[i:i + w.batch], protocol=pickle.HIGHEST_PROTOCOL)
+             for i in range(0, len(w.items), w.batch)]
+    futures = client.map(functools.partial(run_blob, w.serial), blobs, pure=False)
+    results = [r for part in client.gather(futures) for r in pickle.loads(part)]
+    del futures
+    return len(results)
+
+
+def nbmplock_fixed(client, w: Workload, scratch: str) -> int:
+    import nbmplock
+    results = nbmplock.mp_lock_value(w.items, w.nbm, None, None, scratch, backend=client,
+                                     chunk_size=w.batch, verbose=False)
+    return len(results)
+
+
+def nbmplock_adaptive(client, w: Workload, scratch: str) -> int:
+    import nbmplock
+    results = nbmplock.mp_lock_value(w.items, w.nbm, None, None, scratch, backend=client,
+                                     verbose=False)
+    return len(results)
+
+
+VARIANTS: list[tuple[str, Callable]] = [
+    ("plain Dask client.map + gather", plain_dask),
+    ("plain Dask, tuned: batches and results pickled", plain_dask_tuned),
+    ("nbmplock mp_lock_value, same batches", nbmplock_fixed),
+    ("nbmplock mp_lock_value, adaptive chunks", nbmplock_adaptive),
+]
+
+
+def serial_seconds(w: Workload) -> float:
+    start = time.perf_counter()
+    for item in w.items:
+        w.serial(item)
+    return time.perf_counter() - start
+
+
+# -- load on the machine --------------------------------------------------------------
+
+def _cpu_reading():
+    """(wall, machine busy CPU s, CPU s of this process and its live children)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    t = psutil.cpu_times()
+    busy = sum(getattr(t, n, 0.0) for n in ("user", "nice", "system", "irq", "softirq", "steal"))
+    own = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            c = p.cpu_times()
+            own += c.user + c.system
+        except psutil.Error:
+            pass
+    return time.monotonic(), busy, own
+
+
+def foreign_share(start, end) -> Optional[float]:
+    if start is None or end is None or end[0] <= start[0]:
+        return None
+    capacity = (end[0] - start[0]) * (os.cpu_count() or 1)
+    return min(1.0, max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / capacity))
+
+
+# -- the run ----------------------------------------------------------------------------
+
+def build(quick: bool, loops_per_ms: float) -> list[Workload]:
+    n1, n2 = (50_000, 120) if quick else (200_000, 400)
+    ms = lambda m: loops_for_ms(loops_per_ms, m)  # noqa: E731
+    return [
+        Workload("W1", f"{n1:,} trivial items (len)", label_items(n1), run_batch_length,
+                 item_length_nbm, item_length, 10_000, False),
+        Workload("W2", f"{n2} items x 10 ms CPU", busy_items(n2, ms(10)), run_batch_busy,
+                 busy_item_nbm, busy_item, 5, True),
+        Workload("W4", "200 items: 10% x 50 ms, rest 1 ms",
+                 skewed_items(200, 0.10, ms(50), ms(1)), run_batch_busy, busy_item_nbm,
+                 busy_item, 5, True),
+    ]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.dask_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="W1 50,000 items, W2 120 items")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    import logging
+
+    import distributed
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+    loops_per_ms = calibrate_loops_per_ms()
+    workloads = build(args.quick, loops_per_ms)
+    root = tempfile.mkdtemp(prefix="nbmplock-dask-bench-")
+    timings = {(w.key, name): Timing() for w in workloads for name, _ in VARIANTS}
+    serial = {w.key: Timing() for w in workloads}
+    load: list[float] = []
+    started = time.monotonic()
+    cluster = distributed.LocalCluster(n_workers=WORKERS, threads_per_worker=1,
+                                       processes=True, host="127.0.0.1", dashboard_address=None)
+    client = distributed.Client(cluster)
+    try:
+        client.wait_for_workers(WORKERS)
+        # Warm up: imports on the workers, first connections.
+        for w in workloads:
+            small = Workload(w.key, w.title, w.items[:20], w.plain_batch, w.nbm, w.serial,
+                             w.batch, w.cpu_bound)
+            for _, run in VARIANTS:
+                run(client, small, tempfile.mkdtemp(dir=root))
+        for repeat in range(args.repeats):
+            for w in workloads:
+                if w.cpu_bound:
+                    serial[w.key].seconds.append(serial_seconds(w))
+                order = VARIANTS[repeat % len(VARIANTS):] + VARIANTS[:repeat % len(VARIANTS)]
+                before = _cpu_reading()
+                for name, run in order:
+                    scratch = tempfile.mkdtemp(dir=root)
+                    t0 = time.perf_counter()
+                    try:
+                        n = run(client, w, scratch)
+                    except Exception as exc:  # noqa: BLE001 - report, go on
+                        timings[(w.key, name)].errors.append(f"{type(exc).__name__}: {exc}")
+                        continue
+                    seconds = time.perf_counter() - t0
+                    if n != len(w.items):
+                        timings[(w.key, name)].errors.append(f"{n} results for {len(w.items)}")
+                        continue
+                    timings[(w.key, name)].seconds.append(seconds)
+                    shutil.rmtree(scratch, ignore_errors=True)
+                share = foreign_share(before, _cpu_reading())
+                if share is not None:
+                    load.append(share)
+                print(f"repeat {repeat + 1}/{args.repeats} {w.key} done", file=sys.stderr,
+                      flush=True)
+    finally:
+        client.close()
+        cluster.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(report(workloads, timings, serial, load, loops_per_ms, args,
+                 time.monotonic() - started, distributed.__version__))
+    return 0
+
+
+def report(workloads, timings, serial, load, loops_per_ms, args, wall, version) -> str:
+    lines = [
+        "## nbmplock on Dask vs Dask's own client.map",
+        "",
+        f"- LocalCluster: {WORKERS} worker processes x 1 thread, 127.0.0.1; distributed {version}; "
+        f"Python {sys.version.split()[0]}; {os.cpu_count()} logical cores",
+        f"- {args.repeats} repeats, interleaved, order rotated; median (min–max) wall seconds "
+        f"from submission to every result in the driver; calibration {loops_per_ms:,.0f} "
+        f"loops/ms; total {wall:.0f} s",
+    ]
+    if load:
+        lines.append(f"- other processes' CPU while measuring: median {statistics.median(load):.0%} "
+                     f"of all cores (max {max(load):.0%})"
+                     + (" — **the machine was not idle; CPU-bound numbers are skewed**"
+                        if max(load) > 0.10 else ""))
+    lines += [
+        "",
+        "| Workload | Variant | batch | Wall s: median (min–max) | vs plain Dask | vs tuned Dask | speedup vs serial (x ideal) | Target | Check |",
+        "|---|---|---:|---|---:|---:|---|---|---|",
+    ]
+    for w in workloads:
+        plain = timings[(w.key, VARIANTS[0][0])].median
+        tuned = timings[(w.key, VARIANTS[1][0])].median
+        serial_s = serial[w.key].median
+        for name, _ in VARIANTS:
+            t = timings[(w.key, name)]
+            if t.errors and not t.seconds:
+                lines.append(f"| {w.key} | {name} | | error: {t.errors[0][:80]} | | | | | |")
+                continue
+            ratio = t.median / plain if plain and t.median else None
+            ratio_tuned = t.median / tuned if tuned and t.median else None
+            batch = "adaptive" if "adaptive" in name else f"{w.batch:,}"
+            speed = ""
+            if serial_s and t.median:
+                s = serial_s / t.median
+                speed = f"{s:.2f}x ({s / WORKERS:.2f})"
+            target = check = ""
+            if name == VARIANTS[2][0]:
+                if w.key == "W1" and ratio is not None:
+                    target, check = "≤1.3x plain Dask", "PASS" if ratio <= 1.3 else "MISS"
+                if w.key == "W2" and serial_s and t.median:
+                    ok = serial_s / t.median >= 0.9 * WORKERS
+                    target, check = "≥0.9 x ideal speedup", "PASS" if ok else "MISS"
+            lines.append(f"| {w.key} {w.title} | {name} | {batch} | {t.span()} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}x'} | "
+                         f"{'' if ratio_tuned is None else f'{ratio_tuned:.2f}x'} | "
+                         f"{speed} | {target} | {check} |")
+        if serial_s:
+            lines.append(f"| {w.key} | serial loop in the driver | — | {serial[w.key].span()} | | | "
+                         f"1.00x ({1 / WORKERS:.2f}) | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
