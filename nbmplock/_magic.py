@@ -11,7 +11,6 @@ Only this module imports IPython.
 from __future__ import annotations
 
 import logging
-import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -242,10 +241,9 @@ class MplockMagics(Magics):
         if job.state is JobState.FINISHED:
             return
         p = job.progress
-        sys.stderr.write(
-            f"nbmplock: interrupted; the run on {job.out_path!r} was stopped. "
-            f"{p.done} of {p.total} items are recorded done. Run the cell again, or call "
-            f"{job_var}.resume(), to continue where it left off.\n")
+        log.warning("nbmplock: interrupted; the run on %r was stopped. %d of %d items are "
+                    "recorded done. Run the cell again, or call %s.resume(), to continue "
+                    "where it left off.", job.out_path, p.done, p.total, job_var)
 
 
 def _store_results(job: Job, user_ns: dict, var: str) -> None:

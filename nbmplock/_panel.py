@@ -139,6 +139,8 @@ def failures_html(failures: Iterable[Failure], total_failed: int | None = None) 
         head += (f" — showing the last {len(shown)}, and {more} more"
                  " (<code>python -m nbmplock failures OUT_PATH</code> lists all)")
     return (f"<div>{head}</div>"
+            "<style>.nbmplock-failures td,.nbmplock-failures th"
+            "{padding:2px 12px 2px 0;vertical-align:top}</style>"
             '<table style="border-collapse:collapse;font-size:12px;text-align:left">'
             "<thead><tr><th>item</th><th>exception type</th><th>message</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")

@@ -207,7 +207,7 @@ def test_init_shared_save_and_a_quoted_items_expression(ip, tmp_path):
     assert ip.user_ns["mplock_job"].spec.options.save_batch == 4
 
 
-def test_ctrl_c_during_wait_stops_cleanly_and_the_cell_resumes(ip, tmp_path, capsys):
+def test_ctrl_c_during_wait_stops_cleanly_and_the_cell_resumes(ip, tmp_path, caplog):
     out = tmp_path / "run"
     ip.user_ns["items"] = [str(i) for i in range(2000)]
     ip.user_ns["cfg"] = {"gate": ip.user_ns["gate"]}
@@ -246,7 +246,7 @@ def test_ctrl_c_during_wait_stops_cleanly_and_the_cell_resumes(ip, tmp_path, cap
     p = job.progress
     assert 1000 <= p.done < 2000 and p.failed == 0  # the killed items stay not done
     assert nbmplock.read_snapshot(str(out)).done == p.done
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "interrupted" in err and "mplock_job.resume()" in err
     assert f"{p.done} of 2000 items are recorded done" in err
 
