@@ -110,6 +110,7 @@ class _Worker:
     sending: bool = False
     ready: bool = False
     partial: bytes = b""
+    tail: deque = field(default_factory=lambda: deque(maxlen=15))  # last output lines
 
     @property
     def label(self) -> str:
@@ -302,8 +303,9 @@ class LocalBackend:
             lines.append(worker.partial)
             worker.partial = b""
         if lines:
-            events.append(WorkerOutput(worker.label,
-                                       [line.decode("utf-8", "replace") for line in lines]))
+            decoded = [line.decode("utf-8", "replace") for line in lines]
+            worker.tail.extend(decoded)
+            events.append(WorkerOutput(worker.label, decoded))
 
     # -- losing workers --------------------------------------------------
     def _lost(self, worker: _Worker, events: list, *, kind: str, message: str | None = None) -> None:
@@ -329,9 +331,16 @@ class LocalBackend:
         if not worker.ready and kind == "died":
             self._start_deaths += 1
             if self._start_deaths >= MAX_START_DEATHS:
+                hint = "Is init_function crashing the process?"
+                if not self._fork:
+                    hint += (" Under start_method 'spawn' or 'forkserver' a script must keep "
+                             "its top-level code under `if __name__ == \"__main__\":`.")
+                said = "\n".join(worker.tail)
+                if said:
+                    hint += f"\nThe worker's last output:\n{said}"
                 events.append(Fatal(WorkerDiedError(
-                    f"workers keep dying before they are ready: {message}. "
-                    "Is init_function crashing the process?", exitcode=exitcode)))
+                    f"workers keep dying before they are ready: {message}. {hint}",
+                    exitcode=exitcode)))
                 self._stopping = True
                 return
         if kind == "died" and not self._stopping and not self._closed:

@@ -228,14 +228,8 @@ class Runner:
                 self._dispatch(backend)
             if c.in_flight == 0 and (self._stopping or self._exhausted()):
                 break
-            now = time.monotonic()
-            timeout = self._publish_due(now)
-            sync_due = self.store.sync_due_in(now)
-            if sync_due is not None:
-                timeout = sync_due if timeout is None else min(timeout, sync_due)
-            for event in backend.wait(timeout):
+            for event in backend.wait(self._publish_due(time.monotonic())):
                 self._handle(event)
-            self.store.sync()
             self._publish()
 
     def _want_results(self) -> bool:

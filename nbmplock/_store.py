@@ -25,9 +25,10 @@ the log writes several times faster than SQLite in WAL mode at the same batch
 sizes, reads the done-set back faster, and is smaller on disk; its
 crash-consistency needs only a checksum per record.
 
-Durability policy (group commit): every record reaches the OS at once; the
-file is ``fdatasync``-ed at most every :data:`SYNC_INTERVAL` seconds while a
-run writes, and always when a run ends. A power loss can therefore lose at most
+Durability policy (group commit): every record reaches the OS at once; a
+thread of the store ``fdatasync``-s the file at most every
+:data:`SYNC_INTERVAL` seconds while a run writes (so the run never waits for
+the disk), and the file is synced when a run ends. A power loss can therefore lose at most
 the last 0.2 s of done marks, whose items are simply run again.
 
 Damage: a torn or corrupt *last* record (a crash mid-write) is ignored, and
@@ -46,6 +47,7 @@ import os
 import pickle
 import socket
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Sequence
@@ -361,7 +363,9 @@ class RunStore:
         self._size = os.fstat(self._fd).st_size
         self._out = open(os.path.join(self.dir, "output.log"), "ab")
         self._dirty = False
-        self._last_sync = time.monotonic()
+        self._sync_error: OSError | None = None
+        self._closing = threading.Event()
+        self._syncer: threading.Thread | None = None
         self.closed = False
 
     # -- opening ---------------------------------------------------------
@@ -419,6 +423,8 @@ class RunStore:
 
     # -- writing ---------------------------------------------------------
     def _append(self, record: bytes) -> None:
+        if self._sync_error is not None:
+            raise self._sync_error
         start = self._size
         try:
             view = memoryview(record)
@@ -434,6 +440,10 @@ class RunStore:
             raise
         self._size = start + len(record)
         self._dirty = True
+        if self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
+                                            name="nbmplock-fsync")
+            self._syncer.start()
 
     def record_done(self, names: Sequence[str], results: Sequence[Any] | None = None) -> int:
         """Mark ``names`` done (with ``keep_results``, store their results too).
@@ -481,18 +491,19 @@ class RunStore:
         self._out.flush()
 
     # -- durability ------------------------------------------------------
-    def sync_due_in(self, now: float) -> float | None:
-        """Seconds until the next group commit is due, or None if clean."""
-        if not self._dirty:
-            return None
-        return max(0.0, self._last_sync + SYNC_INTERVAL - now)
+    def _sync_loop(self) -> None:
+        """Group commit, in its own thread so the run never waits for the disk."""
+        while not self._closing.wait(SYNC_INTERVAL):
+            self._sync()
 
-    def sync(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self._dirty and (force or now - self._last_sync >= SYNC_INTERVAL):
-            os.fdatasync(self._fd)
-            self._dirty = False
-            self._last_sync = now
+    def _sync(self) -> None:
+        if self._dirty:
+            self._dirty = False  # records written from now on wait for the next commit
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:  # e.g. ENOSPC: the next write or close raises it
+                self._sync_error = exc
+                self._closing.set()
 
     def close(self) -> None:
         """Commit everything and release the lock. Safe to call twice."""
@@ -500,7 +511,12 @@ class RunStore:
             return
         self.closed = True
         try:
-            self.sync(force=True)
+            self._closing.set()
+            if self._syncer is not None:
+                self._syncer.join()
+            self._sync()
+            if self._sync_error is not None:
+                raise self._sync_error
         finally:
             os.close(self._fd)
             self._out.close()
