@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from . import helpers
 from .helpers import FIGURES, infrastructure, reap_zombies
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +82,9 @@ def _alive_children(baseline: set[int]) -> list[psutil.Process]:
 def no_orphans():
     """Fail a test that leaves any child (or re-parented orphan) process alive."""
     baseline = {p.pid for p in psutil.Process().children(recursive=True)}
+    # Processes that were there before the test (a session-wide JupyterLab of the
+    # browser tests, say) are not the test's workers: own_children() skips them.
+    helpers.PREEXISTING = frozenset(baseline)
     before = _prctl(_PR_GET_CHILD_SUBREAPER)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     try:

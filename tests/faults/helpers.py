@@ -89,12 +89,19 @@ def infrastructure(proc: psutil.Process) -> bool:
     return any(word in cmd for word in INFRASTRUCTURE)
 
 
+#: Children of the test process from before the current test (set by conftest).
+PREEXISTING: frozenset = frozenset()
+
+
 def own_children() -> list[int]:
     """Live (non-zombie) descendants of this process, orphans re-parented here included,
-    except multiprocess's own helper processes (see :data:`INFRASTRUCTURE`)."""
+    except multiprocess's own helper processes (see :data:`INFRASTRUCTURE`) and
+    processes that existed before the test (:data:`PREEXISTING`)."""
     reap_zombies()
     out = []
     for child in psutil.Process().children(recursive=True):
+        if child.pid in PREEXISTING:
+            continue
         try:
             if child.status() != psutil.STATUS_ZOMBIE and not infrastructure(child):
                 out.append(child.pid)
