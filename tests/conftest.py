@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import psutil
 import pytest
 
-
-def _alive_children() -> list[psutil.Process]:
-    alive = []
-    for child in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                alive.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
+from . import helpers
 
 
 @pytest.fixture(autouse=True)
 def no_orphans(request):
     """Fail a test that leaves worker processes running (after a short grace)."""
-    before = {p.pid for p in _alive_children()}
+    helpers.BEFORE_TEST.clear()
+    helpers.BEFORE_TEST.update(p.pid for p in helpers.children())
     yield
     deadline = time.monotonic() + 5
     while True:
-        left = [p for p in _alive_children() if p.pid not in before]
+        left = helpers.alive_children()
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)

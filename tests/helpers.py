@@ -5,6 +5,29 @@ from __future__ import annotations
 import os
 import time
 
+import psutil
+
+#: Child processes alive when the current test began (set by tests/conftest.py):
+#: a resource tracker, a Dask cluster of another module, a session's JupyterLab.
+BEFORE_TEST: set = set()
+
+
+def children() -> list:
+    """Live (non-zombie) descendants of this process."""
+    alive = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def alive_children() -> list:
+    """Child processes started since the current test began."""
+    return [p for p in children() if p.pid not in BEFORE_TEST]
+
 
 def length(item, shared_data, init_values):
     return len(item)

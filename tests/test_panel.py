@@ -20,6 +20,8 @@ import nbmplock
 from nbmplock import Failure, Job, JobState, MissingDependencyError
 from nbmplock._panel import REATTACHED_NOTICE, Panel, counts_text, failures_html
 
+from .helpers import alive_children
+
 WAIT = 120  # seconds; a safety net against a hang, never a measurement
 
 
@@ -43,32 +45,6 @@ def gated(item, shared_data, init_values):
 
 
 # -- helpers ------------------------------------------------------------------
-def _children() -> list:
-    alive = []
-    for child in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                alive.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-# children alive before the test (a resource tracker, a Dask cluster of another module)
-_BEFORE_TEST: set = set()
-
-
-def alive_children() -> list:
-    """Child processes started since the current test began."""
-    return [p for p in _children() if p.pid not in _BEFORE_TEST]
-
-
-@pytest.fixture(autouse=True)
-def _baseline():
-    _BEFORE_TEST.clear()
-    _BEFORE_TEST.update(p.pid for p in _children())
-
-
 class Settled:
     """Set when ``job`` emits a state event for a state that is not active."""
 
