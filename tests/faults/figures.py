@@ -35,9 +35,9 @@ def section(data: dict) -> str:
     ]
     tests = data.get("tests", {})
     lines = [
-        f"From the last run of `tests/faults` ({sum(tests.values())} tests, "
-        f"{data.get('duration_s', '?')} s on {data.get('cpus', '?')} cores, "
-        f"seed {data.get('seed')}; it runs in CI on every change):",
+        f"From the last run of `tests/faults` ({sum(tests.values())} tests on "
+        f"{data.get('cpus', '?')} cores, seed {data.get('seed')}, {data.get('when', '')[:10]}; "
+        "the suite runs in CI on every change):",
         "",
         "| what the suite did | count |",
         "|---|---:|",
