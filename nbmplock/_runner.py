@@ -208,7 +208,7 @@ class Runner:
             self._finish()
         if self._error is not None:
             return Outcome("failed", self._error)
-        if self._stop_request or (self._stopping and c.done + c.done_before < c.total):
+        if (self._stop_request or self._stopping) and c.done + c.done_before < c.total:
             return Outcome("stopped")
         return Outcome("finished")
 
