@@ -5,7 +5,7 @@ and importable from browser tests::
 
     from .lab import write_notebook, open_notebook, run_all_cells, click_button, wait_text
 
-See /work/shared/notes/browser-testing.md for why things are done the way they are.
+See the shared notes on browser testing (shared/notes/browser-testing.md) for why things are done the way they are.
 All waits are condition-based (no fixed sleeps); default step timeout is 90 s because the
 CI machines have 2 slow shared cores.
 """
