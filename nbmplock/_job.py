@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import JobStateError
+from ._backend import make_backend_factory
+from ._errors import JobStateError, RunLockedError
 from ._runner import Counters, Runner, items_hash
 from ._store import Failure, read_complete, read_contents
 from ._validate import Spec, make_options, make_spec
@@ -278,10 +279,8 @@ class Job:
     def _launch(self, mode: str) -> None:
         existing = live_job(self.out_path)
         if existing is not None and existing is not self:
-            from ._errors import RunLockedError
             raise RunLockedError(self.out_path, os.getpid(),
                                  " (another Job in this process; nbmplock.run() returns it)")
-        from ._backend import make_backend_factory
         runner = Runner(self.spec, mode=mode, listener=self._on_runner,
                         backend_factory=make_backend_factory(self.spec.options))
         runner.prepare()  # raises here, in the caller, for a locked or unwritable out_path
