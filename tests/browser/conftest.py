@@ -39,12 +39,14 @@ def pytest_runtest_makereport(item, call):
 
 
 def _require_browser():
+    # CI (.ci/run) sets NBMPLOCK_REQUIRE_BROWSER=1: there a missing browser fails.
+    missing = pytest.fail if os.environ.get("NBMPLOCK_REQUIRE_BROWSER") == "1" else pytest.skip
     if not os.path.exists(lab.CHROMIUM):
-        pytest.skip(f"{lab.CHROMIUM} not installed")
+        missing(f"{lab.CHROMIUM} not installed (apt-get install -y chromium)")
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        pytest.skip("playwright not installed")
+        missing("playwright not installed")
 
 
 @pytest.fixture(scope="session")
