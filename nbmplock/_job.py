@@ -192,7 +192,6 @@ class Job:
         self._stored_failures: tuple[Failure, ...] = ()
 
     # -- what the disk says before anything runs -------------------------
-    @property
     def _stored(self) -> Counters:
         """Counters from the run directory: shown before a start, after a restart.
 
@@ -355,7 +354,7 @@ class Job:
     @property
     def progress(self) -> Progress:
         runner = self._runner
-        c = runner.counters if runner is not None else self._stored
+        c = runner.counters if runner is not None else self._stored()
         state = self._state
         now = time.monotonic()
         done = c.done_before + c.done
@@ -381,8 +380,8 @@ class Job:
         runner = self._runner
         if runner is not None and self._state.active and runner.store is not None:
             return tuple(sorted(runner.store.contents.failures.values(), key=lambda f: f.time))
-        if self._runner is None:
-            self._stored  # noqa: B018 - reads the failures from disk once
+        if runner is None:
+            self._stored()  # reads the stored failures from disk, once
         return self._stored_failures
 
     @property
