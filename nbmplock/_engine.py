@@ -272,19 +272,24 @@ class LocalBackend:
     def _read_messages(self, worker: _Worker, events: list) -> None:
         try:
             while worker.conn.poll():
-                msg = pickle.loads(worker.conn.recv_bytes())
-                self._handle(worker, msg, events)
+                data = worker.conn.recv_bytes()
+                msg = pickle.loads(data)
+                # A chunk's results follow its header as a message of their own.
+                blob = worker.conn.recv_bytes() if msg[0] == "chunk" and msg[3] else None
+                self._handle(worker, msg, events, blob)
         except (EOFError, OSError):
             pass  # the sentinel reports the death
 
-    def _handle(self, worker: _Worker, msg: tuple, events: list) -> None:
+    def _handle(self, worker: _Worker, msg: tuple, events: list, blob: bytes | None) -> None:
         kind = msg[0]
         if kind == "chunk":
-            _, chunk_id, n_run, results, failures, seconds = msg
+            _, chunk_id, n_run, _has_results, failures, seconds = msg
+            results = None if blob is None else pickle.loads(blob)
             chunk = worker.chunks.popleft()
             worker.queued.popleft()
             assert chunk.id == chunk_id, (chunk.id, chunk_id)
-            events.append(ChunkDone(chunk, n_run, results, failures, seconds, worker.label))
+            events.append(ChunkDone(chunk, n_run, results, failures, seconds, worker.label,
+                                    len(blob) if blob is not None else 0, blob))
         elif kind == "ready":
             worker.ready = True
             self._start_deaths = 0

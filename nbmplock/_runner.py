@@ -38,6 +38,10 @@ PUBLISH_INTERVAL = 0.1
 TARGET_CHUNK_SECONDS = 0.05
 MAX_CHUNK_ITEMS = 10_000
 MAX_CHUNK_BYTES = 4 << 20
+#: Results of one chunk come back in one message: keep it about a pipe's size,
+#: so big results stream (the worker never blocks on a message the parent
+#: cannot start on) instead of arriving as one huge pickle per chunk.
+RESULT_CHUNK_BYTES = 1 << 20
 _EMA = 0.5
 
 
@@ -115,6 +119,8 @@ class Runner:
         self._retry: deque = deque()
         self._attempts: dict = {}
         self._per_item: float | None = None
+        self._result_bytes: float | None = None  # per item, in the result messages
+        self._result_cap = MAX_CHUNK_ITEMS  # items whose results fill RESULT_CHUNK_BYTES
         self._chunk_ids = 0
         self._dispatched = 0
         self._bytes_cap = MAX_CHUNK_ITEMS
@@ -260,7 +266,7 @@ class Runner:
             target = getattr(self._backend, "target_chunk_seconds", TARGET_CHUNK_SECONDS)
             size = int(target / max(self._per_item, 1e-7))
             remaining = self.counters.to_do - self._dispatched
-            size = min(size, MAX_CHUNK_ITEMS, self._bytes_cap,
+            size = min(size, MAX_CHUNK_ITEMS, self._bytes_cap, self._result_cap,
                        max(unit, remaining // (2 * workers)))
         return max(unit, size - size % unit)
 
@@ -321,12 +327,18 @@ class Runner:
             per_item = ev.seconds / ev.n_run
             self._per_item = per_item if self._per_item is None else (
                 _EMA * per_item + (1 - _EMA) * self._per_item)
+            if ev.nbytes:
+                size = ev.nbytes / ev.n_run
+                self._result_bytes = size if self._result_bytes is None else (
+                    _EMA * size + (1 - _EMA) * self._result_bytes)
+                self._result_cap = max(1, int(RESULT_CHUNK_BYTES / self._result_bytes))
         results = ev.results
         if not ev.failures:
             names = items[:ev.n_run] if ev.n_run < len(items) else items
+            blob = ev.results_blob
             if results is not None and len(results) != len(names):
-                results = results[:len(names)]
-            self._deliver(names, results)
+                results, blob = results[:len(names)], None
+            self._deliver(names, results, blob)
         else:
             bad: dict = {}
             for f in ev.failures:
@@ -405,11 +417,12 @@ class Runner:
         return exc
 
     # -- delivering results ----------------------------------------------
-    def _deliver(self, names: list, results: list | None) -> None:
+    def _deliver(self, names: list, results: list | None, blob: bytes | None = None) -> None:
+        """``blob``, when given, is the pickle of exactly ``results``."""
         if not names:
             return
         if self.spec.save_callback is None:
-            self.counters.failed -= self.store.record_done(names, results)
+            self.counters.failed -= self.store.record_done(names, results, blob)
             self.counters.done += len(names)
             return
         if self._callback_broken:

@@ -158,10 +158,17 @@ def state_dir(out_path: str) -> str:
     return os.path.join(out_path, STATE_DIR)
 
 
-def _frame(kind: int, flags: int, payload: bytes) -> bytes:
-    head = _HEADER.pack(_MAGIC, kind, flags, len(payload), 0)[:8]
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return head + _U32.pack(crc) + payload
+def _frame(kind: int, flags: int, *parts: bytes) -> list[bytes]:
+    """One record as buffers to write in order: header (with the CRC) and ``parts``.
+
+    The payload is the concatenation of ``parts``; it is never copied into one
+    buffer (results can be megabytes).
+    """
+    head = _HEADER.pack(_MAGIC, kind, flags, sum(map(len, parts)), 0)[:8]
+    crc = zlib.crc32(head)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return [head + _U32.pack(crc), *parts]
 
 
 def _dumps(obj: Any) -> bytes:
@@ -173,12 +180,15 @@ def _dumps(obj: Any) -> bytes:
         return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
 
 
-def _done_payload(names: Sequence[str], results: Sequence[Any] | None) -> tuple[int, bytes]:
+def _done_payload(names: Sequence[str], results: Sequence[Any] | None,
+                  results_blob: bytes | None = None) -> tuple[int, bytes, bytes, bytes]:
+    """``(flags, *payload parts)`` of a DONE record; ``results_blob`` is the
+    pickle of the list ``results`` when the caller already has it."""
     blob = pickle.dumps(list(names), protocol=pickle.HIGHEST_PROTOCOL)
     if results is None:
-        return 0, _U32.pack(len(blob)) + blob
-    res = _dumps(list(results))
-    return _HAS_RESULTS, b"".join((_U32.pack(len(blob)), blob, res))
+        return 0, _U32.pack(len(blob)), blob, b""
+    res = results_blob if results_blob is not None else _dumps(list(results))
+    return _HAS_RESULTS, _U32.pack(len(blob)), blob, res
 
 
 def _valid_at(buf: memoryview, pos: int) -> int | None:
@@ -422,15 +432,19 @@ class RunStore:
         return [self._lock_fd, self._fd, self._out.fileno()]
 
     # -- writing ---------------------------------------------------------
-    def _append(self, record: bytes) -> None:
+    def _append(self, record: list[bytes]) -> None:
         if self._sync_error is not None:
             raise self._sync_error
         start = self._size
+        size = sum(map(len, record))
         try:
-            view = memoryview(record)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            views = [memoryview(part) for part in record if part]
+            while views:
+                written = os.writev(self._fd, views)
+                while views and written >= len(views[0]):
+                    written -= len(views.pop(0))
+                if written:
+                    views[0] = views[0][written:]
         except OSError:
             # Never leave half a record in the middle of the log.
             try:
@@ -438,23 +452,26 @@ class RunStore:
             except OSError:
                 pass
             raise
-        self._size = start + len(record)
+        self._size = start + size
         self._dirty = True
         if self._syncer is None:
             self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                             name="nbmplock-fsync")
             self._syncer.start()
 
-    def record_done(self, names: Sequence[str], results: Sequence[Any] | None = None) -> int:
-        """Mark ``names`` done (with ``keep_results``, store their results too).
+    def record_done(self, names: Sequence[str], results: Sequence[Any] | None = None,
+                    results_blob: bytes | None = None) -> int:
+        """Mark ``names`` done (with ``keep_results``, store their results too;
+        ``results_blob``, if given, is the pickle of the list ``results``).
 
         Returns how many of them had a failure recorded, now superseded.
         """
         if not names:
             return 0
         keep = self.keep_results and results is not None
-        flags, payload = _done_payload(names, results if keep else None)
-        self._append(_frame(_DONE, flags, payload))
+        flags, *payload = _done_payload(names, results if keep else None,
+                                        results_blob if keep else None)
+        self._append(_frame(_DONE, flags, *payload))
         cleared = 0
         failures = self.contents.failures
         if failures:
@@ -536,13 +553,13 @@ def _compact(log_path: str, contents: Contents) -> None:
     with open(tmp, "wb") as f:
         for group_start in range(0, len(without), _COMPACT_GROUP):
             names = without[group_start:group_start + _COMPACT_GROUP]
-            f.write(_frame(_DONE, *_done_payload(names, None)))
+            f.writelines(_frame(_DONE, *_done_payload(names, None)))
         for group_start in range(0, len(with_results), _COMPACT_GROUP):
             names = with_results[group_start:group_start + _COMPACT_GROUP]
-            f.write(_frame(_DONE, *_done_payload(names, [contents.results[k] for k in names])))
+            f.writelines(_frame(_DONE, *_done_payload(names, [contents.results[k] for k in names])))
         if contents.failures:
             rows = [astuple(x) for x in contents.failures.values()]
-            f.write(_frame(_FAIL, 0, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
+            f.writelines(_frame(_FAIL, 0, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, log_path)

@@ -11,11 +11,14 @@ parent -> worker
 worker -> parent
     ``("ready", pid)``                           init_function returned
     ``("init_error", exc_type, message, tb, exc_bytes)``
-    ``("chunk", chunk_id, n_run, results, failures, seconds)``
+    ``("chunk", chunk_id, n_run, has_results, failures, seconds)``
         ``n_run`` items were run (fewer than sent when the stop flag was set);
-        ``results`` is the list of their return values (None when the parent
-        does not need them); ``failures`` lists
+        ``failures`` lists
         ``(pos, count, exc_type, message, traceback, exc_bytes, seconds, kind)``.
+        When ``has_results`` (the parent needs them), the next message is the
+        pickled list of the ``n_run`` return values, on its own: the parent
+        stores that very pickle (``mp_lock_value``) instead of pickling the
+        results a second time.
 
 Shared memory the parent reads without a message (so a crash or a timeout can
 be blamed on the exact item): ``slot = [chunk_id, pos, started]`` is written
@@ -96,12 +99,17 @@ def _flush_output() -> None:
 
 
 def _send_chunk(conn, chunk_id, n_run, results, failures, seconds) -> None:
-    msg = ("chunk", chunk_id, n_run, results, failures, seconds)
-    try:
-        data = dumps(msg)
-    except Exception:
-        data = dumps(_without_unpicklable(msg))
-    conn.send_bytes(data)
+    blob = None
+    if results is not None:
+        try:
+            blob = dumps(results)
+        except Exception:
+            msg = _without_unpicklable(("chunk", chunk_id, n_run, results, failures, seconds))
+            results, failures = msg[3], msg[4]
+            blob = dumps(results)
+    conn.send_bytes(dumps(("chunk", chunk_id, n_run, blob is not None, failures, seconds)))
+    if blob is not None:
+        conn.send_bytes(blob)
 
 
 def _without_unpicklable(msg):

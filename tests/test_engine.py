@@ -245,3 +245,25 @@ def test_second_live_run_is_refused_and_dead_lock_does_not_block(tmp_path):
     time.sleep(0.5)  # let the workers die with their parent
     assert nbmplock.read_snapshot(out).holder_pid is None
     assert mp_lock_value(["x"], lambda i, s, v: i, None, 1, out, verbose=False) == ["x"]
+
+
+def _half_mib(item, shared, init):
+    return item.encode() * (512 * 1024 // len(item))
+
+
+@pytest.mark.timeout(60)
+def test_big_results_come_back_in_small_chunks_and_are_stored_whole(tmp_path):
+    # Results of one chunk travel in one message: with 512 KiB results the
+    # runner keeps chunks to about 1 MiB of results (2 items) instead of a
+    # quarter of the work per chunk, so results stream. Each chunk is one DONE
+    # record in the log, which shows the chunk sizes.
+    items = [f"big{n:03d}" for n in range(60)]
+    out = str(tmp_path / "out")
+    results = mp_lock_value(items, _half_mib, None, 2, out, verbose=False)
+    assert results == [_half_mib(i, None, None) for i in items]
+    contents = read_contents(out, results=True)
+    assert contents.done == set(items)
+    assert contents.results == dict(zip(items, results))
+    assert contents.records >= 30, contents.records  # 60 items in chunks of 1 or 2 (+COMPLETE)
+    # a resumed call returns the stored results without running anything
+    assert mp_lock_value(items, _crash("sigkill"), None, 2, out, verbose=False) == results

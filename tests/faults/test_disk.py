@@ -134,7 +134,8 @@ def test_disk_fills_up_mid_run_then_resume_completes(tmp_path, filler):
 # -- ENOSPC injected at the store's write ---------------------------------------
 
 class _FailingOs(types.SimpleNamespace):
-    """``os`` for the store module only: ``write`` fails with ENOSPC after ``ok`` calls."""
+    """``os`` for the store module only: ``write`` (and ``writev``) fails with
+    ENOSPC after ``ok`` calls."""
 
     def __init__(self, ok: int, partial: bool):
         super().__init__()
@@ -151,6 +152,9 @@ class _FailingOs(types.SimpleNamespace):
             return os.write(fd, bytes(data[: len(data) // 2]))
         self.failed += 1
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def writev(self, fd, buffers):
+        return self.write(fd, b"".join(buffers))
 
 
 @pytest.mark.timeout(60)
