@@ -23,9 +23,10 @@ Functions and ``shared_data`` once
     workers it shares (a poison item would take it down). The scheduler
     serves the blob once per worker process, so big data belongs on shared
     storage, loaded by ``init_function`` (a warning says so above
-    :data:`LARGE_PAYLOAD` bytes). The Variable is deleted at shutdown; a
-    driver killed mid-run leaves its blob on the scheduler until the cluster
-    restarts.
+    :data:`LARGE_PAYLOAD` bytes). The Variable is deleted at shutdown. Its
+    name carries the driver's client id, so the blob of a driver killed
+    mid-run is deleted when the next run starts on that cluster: each start
+    sweeps the payload Variables whose client is no longer connected.
 ``init_function`` once per worker process
     The task function keeps a per-process cache keyed by the run's token
     (a new token per run). The first task of a run in a worker process loads
@@ -135,6 +136,8 @@ LARGE_PAYLOAD = 50_000_000
 PAYLOAD_TIMEOUT = 120.0
 #: Bound on each cleanup call to the cluster during shutdown (seconds).
 CALL_TIMEOUT = 10.0
+#: Names of the scheduler Variables holding a run's payload start with this.
+PAYLOAD_PREFIX = "nbmplock-payload-"
 
 _WAKE = object()
 
@@ -204,7 +207,7 @@ class DaskBackend:
         self._timeout = item_timeout
         self._token = uuid.uuid4().hex
         self._stop_name = f"nbmplock-stop-{self._token}"
-        self._payload_name = f"nbmplock-payload-{self._token}"
+        self._payload_name = ""  # PAYLOAD_PREFIX, the client's id, "-", the token
         self._variable = None
         self._client = None
         self._owns_client = False
@@ -250,8 +253,10 @@ class DaskBackend:
             log.warning("nbmplock: process, init_function and shared_data take %.0f MB; the "
                         "Dask scheduler sends them to every worker process. Put large data "
                         "on shared storage and load it in init_function.", len(data) / 1e6)
+        self._payload_name = f"{PAYLOAD_PREFIX}{client.id}-{self._token}"
         self._variable = dd.Variable(self._payload_name, client=client)
         self._variable.set(data)
+        self._helper(_sweep_orphan_payloads, client)
         self._event = dd.Event(self._stop_name, client=client)
         self._apply_size(n_workers, threads, time.monotonic())
 
@@ -571,6 +576,35 @@ def _bounded(call, seconds: float) -> None:
     thread = threading.Thread(target=target, name="nbmplock-dask-cleanup", daemon=True)
     thread.start()
     thread.join(seconds)
+
+
+def _sweep_orphan_payloads(client) -> None:
+    """Delete the payload Variables of drivers that are gone (killed mid-run).
+
+    Best effort: a scheduler that refuses ``run_on_scheduler`` keeps them.
+    """
+    try:
+        gone = client.run_on_scheduler(_delete_orphan_payloads)
+    except Exception:  # noqa: BLE001 - a cleanup of other runs' leftovers
+        log.debug("nbmplock: could not sweep payloads of killed drivers", exc_info=True)
+        return
+    if gone:
+        log.info("nbmplock: deleted %d payload(s) left on the scheduler by killed drivers",
+                 len(gone))
+
+
+async def _delete_orphan_payloads(dask_scheduler=None) -> list:
+    """On the scheduler: delete payload Variables whose client is not connected."""
+    variables = dask_scheduler.extensions.get("variables")
+    if variables is None:
+        return []
+    live = set(dask_scheduler.clients)
+    gone = [name for name in list(variables.variables)
+            if name.startswith(PAYLOAD_PREFIX)
+            and name[len(PAYLOAD_PREFIX):].rpartition("-")[0] not in live]
+    for name in gone:
+        await variables.delete(name=name)
+    return gone
 
 
 def _short(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ import dask  # noqa: E402
 
 import nbmplock  # noqa: E402
 from nbmplock import _dask  # noqa: E402
+from nbmplock._dask import PAYLOAD_PREFIX  # noqa: E402
 from nbmplock._store import read_contents  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -488,6 +489,14 @@ def test_resume_after_the_driver_is_killed(cluster, client, tmp_path):
     first = read_jsonl(f"{out}/data.jsonl")
     done = read_contents(out).done
     assert done <= set(first) and len(done) < n
+    # The killed driver's payload is still on the scheduler, its client gone.
+    left = client.run_on_scheduler(_payloads)
+    assert len(left) == 1, left
+    dead_client = left[0][len(PAYLOAD_PREFIX):].rpartition("-")[0]
+    deadline = time.monotonic() + 30
+    while dead_client in client.run_on_scheduler(_clients):
+        assert time.monotonic() < deadline, "the scheduler never noticed the killed driver"
+        time.sleep(0.05)
     # Resume in this process, on the same cluster.
     items = [f"item-{i:05d}" for i in range(n)]
     save = Saved()
@@ -496,6 +505,21 @@ def test_resume_after_the_driver_is_killed(cluster, client, tmp_path):
     assert not (set(save.names) & done), "an item recorded done was processed again"
     assert set(first) | set(save.names) == set(items)
     assert read_contents(out).done == set(items)
+    # The new run swept the orphan and deleted its own payload at the end (a
+    # message the scheduler handles soon after).
+    deadline = time.monotonic() + 10
+    while (left := client.run_on_scheduler(_payloads)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == []
+
+
+def _payloads(dask_scheduler=None) -> list:
+    return [name for name in dask_scheduler.extensions["variables"].variables
+            if name.startswith(PAYLOAD_PREFIX)]
+
+
+def _clients(dask_scheduler=None) -> list:
+    return list(dask_scheduler.clients)
 
 
 def test_killed_worker_mid_run_never_hangs(client, tmp_path):
