@@ -24,6 +24,7 @@ import pickle
 import signal
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -117,6 +118,24 @@ class _Worker:
         return f"w{self.index}"
 
 
+def _quiet_fork_warning() -> None:
+    """Hide Python 3.12+'s DeprecationWarning on each fork of a worker.
+
+    Python warns on every ``fork()`` in a process with threads, and workers are
+    forked by the manager thread while the caller's threads (a Jupyter
+    kernel's among them) run. A worker takes none of their locks: it replaces
+    ``sys.stdout`` and ``sys.stderr`` before it writes, CPython re-creates the
+    GIL and the import lock in the child, and ``logging`` its locks. The filter
+    matches only that message raised by ``multiprocess``'s fork; installing it
+    again (pytest resets filters per test) replaces the earlier copy.
+    ``start_method="forkserver"`` avoids forking the caller altogether.
+    """
+    warnings.filterwarnings(
+        "ignore", category=DeprecationWarning, module=r"multiprocess\.popen_fork",
+        message=r"This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to "
+                r"deadlocks in the child")
+
+
 class LocalBackend:
     """Worker processes on this machine, driven by the runner's thread."""
 
@@ -150,6 +169,8 @@ class LocalBackend:
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
+        if self._fork:
+            _quiet_fork_warning()
         for index in range(self.workers):
             self._spawn(index)
 

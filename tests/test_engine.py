@@ -267,3 +267,14 @@ def test_big_results_come_back_in_small_chunks_and_are_stored_whole(tmp_path):
     assert contents.records >= 30, contents.records  # 60 items in chunks of 1 or 2 (+COMPLETE)
     # a resumed call returns the stored results without running anything
     assert mp_lock_value(items, _crash("sigkill"), None, 2, out, verbose=False) == results
+
+
+def test_no_fork_warning_from_worker_starts(tmp_path):
+    # Python 3.12+ warns on fork() in a process with threads (the manager thread
+    # forks the workers); nbmplock hides that warning for its own forks only.
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert mp_lock_value(ITEMS[:8], lambda i, s, x: i, None, 2, str(tmp_path / "o"),
+                             verbose=False, start_method="fork") == ITEMS[:8]
+    assert not [w for w in caught if "fork" in str(w.message)], [str(w.message) for w in caught]
