@@ -1,6 +1,7 @@
 """nbmplock on Dask against Dask's own ``client.map``, on a 2-worker LocalCluster.
 
-``python -m bench.dask_bench [--quick] [--repeats N]`` from the repository root.
+``python -m bench.dask_bench [--quick] [--repeats N] [--out FILE]`` from the repository root;
+the table is printed and written to ``bench/results/dask.md``.
 
 For W1 (trivial items), W2 (~10 ms pure-Python CPU per item) and W4 (skewed:
 the first 10% of items 50 ms, the rest 1 ms) it times, on one
@@ -186,6 +187,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dask_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="W1 50,000 items, W2 120 items")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "dask.md"),
+                        help="Markdown file for the table (default bench/results/dask.md; "
+                             "'-' for standard output only)")
     args = parser.parse_args(argv)
 
     import logging
@@ -241,8 +246,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cluster.close()
         shutil.rmtree(root, ignore_errors=True)
 
-    print(report(workloads, timings, serial, load, loops_per_ms, args,
-                 time.monotonic() - started, distributed.__version__))
+    table = report(workloads, timings, serial, load, loops_per_ms, args,
+                   time.monotonic() - started, distributed.__version__)
+    print(table)
+    if args.out != "-":
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
