@@ -585,7 +585,7 @@ def _sweep_orphan_payloads(client) -> None:
     """
     try:
         gone = client.run_on_scheduler(_delete_orphan_payloads)
-    except Exception:  # noqa: BLE001 - a cleanup of other runs' leftovers
+    except Exception:  # a cleanup of other runs' leftovers: never fails this run
         log.debug("nbmplock: could not sweep payloads of killed drivers", exc_info=True)
         return
     if gone:

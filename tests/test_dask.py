@@ -28,7 +28,6 @@ import dask  # noqa: E402
 
 import nbmplock  # noqa: E402
 from nbmplock import _dask  # noqa: E402
-from nbmplock._dask import PAYLOAD_PREFIX  # noqa: E402
 from nbmplock._store import read_contents  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -492,7 +491,7 @@ def test_resume_after_the_driver_is_killed(cluster, client, tmp_path):
     # The killed driver's payload is still on the scheduler, its client gone.
     left = client.run_on_scheduler(_payloads)
     assert len(left) == 1, left
-    dead_client = left[0][len(PAYLOAD_PREFIX):].rpartition("-")[0]
+    dead_client = left[0][len(_dask.PAYLOAD_PREFIX):].rpartition("-")[0]
     deadline = time.monotonic() + 30
     while dead_client in client.run_on_scheduler(_clients):
         assert time.monotonic() < deadline, "the scheduler never noticed the killed driver"
@@ -515,7 +514,7 @@ def test_resume_after_the_driver_is_killed(cluster, client, tmp_path):
 
 def _payloads(dask_scheduler=None) -> list:
     return [name for name in dask_scheduler.extensions["variables"].variables
-            if name.startswith(PAYLOAD_PREFIX)]
+            if name.startswith(_dask.PAYLOAD_PREFIX)]
 
 
 def _clients(dask_scheduler=None) -> list:
