@@ -158,3 +158,23 @@ def test_results_need_kept_results(tmp_path):
     job.start().wait()
     with pytest.raises(JobStateError, match="keep_results=True"):
         job.results()
+
+
+@pytest.mark.timeout(60)
+def test_graceful_stop_mid_chunk_keeps_exactly_the_finished_results(tmp_path):
+    # Chunks of 50 items: a graceful stop ends each worker's chunk after its
+    # current item, and the part that ran comes back with its results. Those
+    # are stored (mp_lock_value's store reuses the worker's pickle) for exactly
+    # the items recorded done; the resumed run returns every result in order.
+    job = Job(ITEMS[:600], helpers.slow, str(tmp_path), num_procs=2, chunk_size=50,
+              shared_data={"sleep": 0.002})
+    job.start()
+    _wait_until(lambda: job.progress.done >= 50)
+    job.stop()
+    assert job.wait(30) and job.state is JobState.STOPPED
+    contents = read_contents(str(tmp_path), results=True)
+    assert 50 <= len(contents.done) < 600
+    assert contents.results == {i: helpers.slow(i, {"sleep": 0}, {}) for i in contents.done}
+    job.resume()
+    assert job.wait(60) and job.state is JobState.FINISHED
+    assert job.results() == [helpers.slow(i, {"sleep": 0}, {}) for i in ITEMS[:600]]
