@@ -47,8 +47,7 @@ class ChunkDone:
     failures: list  # (pos, count, exc_type, message, tb, exc_bytes, seconds, kind)
     seconds: float
     worker: str
-    nbytes: int = 0  # size of the pickled results, if known
-    results_blob: bytes | None = None  # that pickle of ``results``, if the backend has it
+    results_blob: bytes | None = None  # the pickle of ``results``, if the backend has it
 
 
 @dataclass(frozen=True)

@@ -310,7 +310,7 @@ class LocalBackend:
             worker.queued.popleft()
             assert chunk.id == chunk_id, (chunk.id, chunk_id)
             events.append(ChunkDone(chunk, n_run, results, failures, seconds, worker.label,
-                                    len(blob) if blob is not None else 0, blob))
+                                    blob))
         elif kind == "ready":
             worker.ready = True
             self._start_deaths = 0

@@ -124,7 +124,7 @@ class Runner:
         self._retry: deque = deque()
         self._attempts: dict = {}
         self._per_item: float | None = None
-        self._result_bytes: float | None = None  # per item, in the result messages
+        self._result_bytes: float | None = None  # per item, in the results' pickles
         self._result_cap = MAX_CHUNK_ITEMS  # items whose results fill RESULT_CHUNK_BYTES
         self._chunk_ids = 0
         self._dispatched = 0
@@ -332,8 +332,8 @@ class Runner:
             per_item = ev.seconds / ev.n_run
             self._per_item = per_item if self._per_item is None else (
                 _EMA * per_item + (1 - _EMA) * self._per_item)
-            if ev.nbytes:
-                size = ev.nbytes / ev.n_run
+            if ev.results_blob:
+                size = len(ev.results_blob) / ev.n_run
                 self._result_bytes = size if self._result_bytes is None else (
                     _EMA * size + (1 - _EMA) * self._result_bytes)
                 self._result_cap = max(1, int(RESULT_CHUNK_BYTES / self._result_bytes))
