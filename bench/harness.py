@@ -1,14 +1,17 @@
 """Run the cases of a workload, interleaved repeat by repeat.
 
 Repeat 1 of every library runs before repeat 2 of any, so machine drift hits
-all libraries alike; the order is also rotated by one place each repeat so no
-library always runs first.  A failing library never aborts the suite: its
-error is recorded as a sample and its remaining repeats are skipped.
+all libraries alike; the order is also shuffled each repeat (seeded by the
+repeat number, so runs are reproducible) so that no library always runs
+first, nor always right after the same other library.  A failing library
+never aborts the suite: its error is recorded as a sample and its remaining
+repeats are skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import threading
 import traceback
@@ -110,12 +113,9 @@ def setup_case(case: Case, timeout: Optional[float]) -> Optional[Sample]:
     return None
 
 
-def rotated(cases: Sequence[Case], shift: int) -> list[Case]:
-    """*cases* rotated left by *shift* places."""
-    if not cases:
-        return []
-    shift %= len(cases)
-    return list(cases[shift:]) + list(cases[:shift])
+def shuffled(cases: Sequence[Case], repeat: int) -> list[Case]:
+    """*cases* in the order of *repeat*: a permutation seeded by the repeat number."""
+    return random.Random(repeat).sample(list(cases), len(cases))
 
 
 def format_sample(sample: Sample, repeats: int) -> str:
@@ -156,7 +156,7 @@ def run_workload(
                 ready.append(case)
         failed: set[int] = set()
         for repeat in range(repeats):
-            for case in rotated(ready, repeat):
+            for case in shuffled(ready, repeat):
                 if id(case) in failed:
                     continue
                 sample = run_once(case, repeat, timeout)

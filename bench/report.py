@@ -196,7 +196,7 @@ def header_lines(meta: dict) -> list[str]:
         f"start method `{env['start_method']}`",
         f"- **Machine:** {cores}{ram}, {m['cpu']}",
         f"- **Workers:** {meta['workers']} · **Repeats:** {meta['repeats']} per library, interleaved run by run "
-        "(repeat 1 of every library, then repeat 2, ...; order rotated each repeat)",
+        "(repeat 1 of every library, then repeat 2, ...; order shuffled each repeat, seeded)",
         f"- **Versions:** {versions}",
         f"- **Calibration:** {meta['loops_per_ms']:,.0f} busy-loop iterations per ms",
         f"- **Total wall time:** {meta['elapsed_seconds']:.0f} s",
