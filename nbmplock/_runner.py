@@ -125,7 +125,6 @@ class Runner:
         self._attempts: dict = {}
         self._per_item: float | None = None
         self._result_bytes: float | None = None  # per item, in the results' pickles
-        self._result_cap = MAX_CHUNK_ITEMS  # items whose results fill RESULT_CHUNK_BYTES
         self._chunk_ids = 0
         self._dispatched = 0
         self._bytes_cap = MAX_CHUNK_ITEMS
@@ -271,7 +270,9 @@ class Runner:
             target = getattr(self._backend, "target_chunk_seconds", TARGET_CHUNK_SECONDS)
             size = int(target / max(self._per_item, 1e-7))
             remaining = self.counters.to_do - self._dispatched
-            size = min(size, MAX_CHUNK_ITEMS, self._bytes_cap, self._result_cap,
+            if self._result_bytes:  # about RESULT_CHUNK_BYTES of results per chunk
+                size = min(size, int(RESULT_CHUNK_BYTES / self._result_bytes))
+            size = min(size, MAX_CHUNK_ITEMS, self._bytes_cap,
                        max(unit, remaining // (2 * workers)))
         return max(unit, size - size % unit)
 
@@ -336,7 +337,6 @@ class Runner:
                 size = len(ev.results_blob) / ev.n_run
                 self._result_bytes = size if self._result_bytes is None else (
                     _EMA * size + (1 - _EMA) * self._result_bytes)
-                self._result_cap = max(1, int(RESULT_CHUNK_BYTES / self._result_bytes))
         results = ev.results
         if not ev.failures:
             names = items[:ev.n_run] if ev.n_run < len(items) else items
