@@ -535,10 +535,15 @@ class RunStore:
             if self._sync_error is not None:
                 raise self._sync_error
         finally:
-            os.close(self._fd)
-            self._out.close()
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            # The lock is released whatever fails before it: a full disk makes
+            # the output log's last flush raise, and the directory must not stay
+            # locked for the rest of this process (a notebook kernel, say).
+            try:
+                os.close(self._fd)
+                self._out.close()  # its file is closed even when the flush raises
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
 
 
 def _compact(log_path: str, contents: Contents) -> None:

@@ -153,3 +153,29 @@ def test_values_after_a_complete_run_come_from_the_log(tmp_path):
     items = [f"i{n}" for n in range(300)]
     assert mp_lock_value(items, helpers.length, None, 2, out, verbose=False) == list(map(len, items))
     assert mp_lock_value(items, helpers.length, None, 2, out, verbose=False) == list(map(len, items))
+
+
+def test_close_releases_the_lock_when_the_last_flush_fails(tmp_path):
+    # A full disk can make the output log's final flush raise in close(); the
+    # run directory must still be unlocked, or the same process (a notebook
+    # kernel) could never run it again.
+    import errno
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = str(tmp_path)
+    store = RunStore.open(out, keep_results=False)
+    store.record_done(["a"])
+    store._out = FullDisk(store._out)
+    with pytest.raises(OSError):
+        store.close()
+    assert read_snapshot(out).holder_pid is None
+    again = RunStore.open(out, keep_results=False)
+    assert again.contents.done == {"a"}
+    again.close()
