@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 
@@ -120,6 +121,33 @@ def test_fsync_policy_is_group_commit(tmp_path, monkeypatch):
             verbose=False)
     # 3000 save batches, 3000 records: fsync only every 0.2 s and once at the end
     assert 1 <= len(calls) < 50
+
+
+def test_group_commit_sleeps_while_nothing_is_written(tmp_path, monkeypatch):
+    """The syncer wakes for written records only: a run of slow items costs no
+    wake-ups between results (each one would take a core from a worker)."""
+    rounds = []
+    real_sync = RunStore._sync
+    monkeypatch.setattr(RunStore, "_sync", lambda self: (rounds.append(self._dirty), real_sync(self)))
+    monkeypatch.setattr(nbmplock._store, "SYNC_INTERVAL", 0.02)
+
+    def wait_for(n):
+        deadline = time.monotonic() + 5
+        while len(rounds) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    store = RunStore.open(str(tmp_path), keep_results=False)
+    try:
+        store.record_done(["a"])
+        wait_for(1)
+        time.sleep(0.3)  # 15 sync intervals with nothing written
+        assert rounds == [True]
+        store.record_done(["b"])
+        wait_for(2)
+        assert rounds == [True, True]
+    finally:
+        store.close()
+    assert read_contents(str(tmp_path)).done == {"a", "b"}
 
 
 def test_a_finished_run_ends_the_log_with_complete_and_reruns_read_only_that(tmp_path, monkeypatch):
