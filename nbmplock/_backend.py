@@ -122,6 +122,12 @@ class Backend(Protocol):
     def in_flight(self) -> dict[str, int]:
         """Items held per worker label."""
 
+    # Optional: ``give_back() -> bool``. Called when nothing is left to
+    # dispatch; if a worker is idle, asks a busy one to return a chunk early.
+    # The chunk comes back as a ``ChunkDone`` with ``n_run`` short of its
+    # length, and the runner dispatches the rest again. The local backend has
+    # it; the Dask backend does not (its tasks cannot be cut).
+
 
 def make_backend_factory(options):
     """A function ``(payload, store) -> Backend`` for ``options.backend``.

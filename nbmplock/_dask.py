@@ -920,7 +920,7 @@ def _run_task(payload_name: str, token: str, stop_name: str, blob: bytes, want_r
         if job.error is not None:
             return label, capture.text(), "init_error", job.error
         items = pickle.loads(blob)
-        slot = [0.0, -1.0, 0.0]
+        slot = [0.0, -1.0, 0.0, -1.0]  # slot[3]: no give-back on Dask
         process, timed_out = job.process, None
         if item_timeout is not None:
             process, timed_out = _with_timeout(job.process, item_timeout, job.batch_size or 1)

@@ -13,6 +13,13 @@ memory is bounded whatever the length of the item list. Tasks go down a pipe
 enlarged to :data:`PIPE_SIZE`, sized so that queued tasks always fit: the
 manager thread never blocks writing one (a task too big for the room left is
 written by a short-lived thread, and that worker gets nothing more meanwhile).
+
+Work stealing at the tail: when nothing is left to dispatch and a worker sits
+idle, :meth:`LocalBackend.give_back` asks the worker holding the most units it
+has not started to return that chunk after its current unit (``slot[3]``); the
+rest comes back as a short ``ChunkDone`` and is dispatched again, to both. So
+a chunk of slow items never leaves the other workers idle at the end, and
+chunks can be long enough that their round trips cost nothing measurable.
 """
 
 from __future__ import annotations
@@ -163,6 +170,7 @@ class LocalBackend:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._start_deaths = 0
+        self._giving_back: int | None = None  # id of the chunk asked back, if any
         self._pipe_size = PIPE_SIZE
         self._stopping = False
         self._closed = False
@@ -186,7 +194,7 @@ class LocalBackend:
         room = _grow_pipe(task_w.fileno())
         _grow_pipe(res_w.fileno())
         self._pipe_size = min(self._pipe_size, room)
-        slot = self._ctx.RawArray("d", [0.0, -1.0, 0.0])
+        slot = self._ctx.RawArray("d", [0.0, -1.0, 0.0, -1.0])  # see _worker
         close_fds = []
         if self._fork:  # what a forked child inherits and must not keep
             close_fds = [*self._close_fds, task_w.fileno(), res_r.fileno(), out_r.fileno(),
@@ -235,6 +243,38 @@ class LocalBackend:
         finally:
             worker.sending = False
             self.wakeup()
+
+    def give_back(self) -> bool:
+        """If a worker is idle, ask for work back from the one with the most.
+
+        The runner calls this when it has nothing left to dispatch. The
+        running chunk with the most units not yet started is asked back, and
+        returns after the unit being run; failing that, the biggest queued
+        chunk, which returns as soon as its worker reads it. One request at a
+        time; returns whether one was made.
+        """
+        if self._stopping or self._giving_back is not None:
+            return False
+        if not any(w.ready and not w.chunks for w in self._workers.values()):
+            return False
+        best, best_key = None, (False, 0)
+        for w in self._workers.values():
+            for i, chunk in enumerate(w.chunks):
+                units = -(-len(chunk.items) // self._unit)
+                running = i == 0 and int(w.slot[0]) == chunk.id
+                if i == 0 and not running:
+                    continue  # about to start: taking it back would only delay it
+                if running:
+                    pos = int(w.slot[1])
+                    units = units - pos - 1 if pos >= 0 else 0  # -1: its last unit is done
+                if units and (running, units) > best_key:
+                    best, best_key = (w, chunk), (running, units)
+        if best is None:
+            return False
+        worker, chunk = best
+        worker.slot[3] = chunk.id
+        self._giving_back = chunk.id
+        return True
 
     def in_flight(self) -> dict[str, int]:
         return {w.label: sum(len(c.items) for c in w.chunks) for w in self._workers.values()}
@@ -309,6 +349,8 @@ class LocalBackend:
             chunk = worker.chunks.popleft()
             worker.queued.popleft()
             assert chunk.id == chunk_id, (chunk.id, chunk_id)
+            if chunk.id == self._giving_back:
+                self._giving_back = None
             events.append(ChunkDone(chunk, n_run, results, failures, seconds, worker.label,
                                     blob))
         elif kind == "ready":
@@ -347,6 +389,8 @@ class LocalBackend:
             if self._timeout is not None:  # item start times are kept only then
                 seconds = time.monotonic() - worker.slot[2]
         pid = worker.process.pid
+        if any(chunk.id == self._giving_back for chunk in worker.chunks):
+            self._giving_back = None
         self._close_worker(worker)
         del self._workers[worker.index]
         if message is None:

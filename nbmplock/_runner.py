@@ -36,11 +36,14 @@ log = logging.getLogger("nbmplock")
 
 PUBLISH_INTERVAL = 0.1
 #: A chunk's expected run time, from the measured time per item. Stop and
-#: Ctrl-C do not wait for a chunk (workers return after the current item), so
-#: this only trades progress granularity and the work a SIGKILLed driver loses
-#: against the cost of each round trip; 0.2 s kept W2 level with the best Pool
-#: and W4 under its ideal x1.1 where 0.05 s lost 2-3% on both (bench/, paired).
-TARGET_CHUNK_SECONDS = 0.2
+#: Ctrl-C do not wait for a chunk (workers return after the current item), and
+#: an idle worker takes back part of a busy one's chunk at the end (work
+#: stealing, see _engine), so long chunks do not unbalance skewed work. What is
+#: left to trade is progress granularity and the work a SIGKILLed driver
+#: loses, against the round trips: on 2 cores each one wakes the parent, which
+#: takes a core from a worker. 0.5 s matched Pool on W2 where 0.2 s was 2.5%
+#: behind, with W4 unchanged (python -m bench.w2_anatomy; bench/, paired).
+TARGET_CHUNK_SECONDS = 0.5
 MAX_CHUNK_ITEMS = 10_000
 MAX_CHUNK_BYTES = 4 << 20
 #: Results of one chunk come back in one message: keep it about a pipe's size,
@@ -122,6 +125,7 @@ class Runner:
         self._source: Sequence[str] | None = None  # what is left to dispatch, from _cursor
         self._cursor = 0
         self._retry: deque = deque()
+        self._returned: deque = deque()  # rests of chunks given back (work stealing)
         self._attempts: dict = {}
         self._per_item: float | None = None
         self._result_bytes: float | None = None  # per item, in the results' pickles
@@ -246,7 +250,7 @@ class Runner:
         return self.spec.save_callback is not None or self.opts.keep_results
 
     def _exhausted(self) -> bool:
-        return not self._retry and self._source is None
+        return not self._retry and not self._returned and self._source is None
 
     def _begin_stop(self) -> None:
         self._stopping = True
@@ -282,6 +286,16 @@ class Runner:
             if self._retry:
                 unit = self.opts.batch_size or 1
                 items = [self._retry.popleft() for _ in range(min(unit, len(self._retry)))]
+            elif self._returned:  # shared out again, whatever chunk_size says
+                rest = self._returned[0]
+                unit = self.opts.batch_size or 1
+                share = -(-len(rest) // (backend.workers * unit)) * unit
+                items = rest[:max(unit, min(share, self._chunk_size(backend.workers)))]
+                if len(items) < len(rest):
+                    self._returned[0] = rest[len(items):]
+                else:
+                    self._returned.popleft()
+                self._dispatched += len(items)
             elif self._source is not None:
                 start = self._cursor
                 stop = min(start + self._chunk_size(backend.workers), len(self._source))
@@ -293,6 +307,11 @@ class Runner:
                 self._cursor = stop
                 self._dispatched += len(items)
             else:
+                # Nothing left to hand out: let an idle worker take over part
+                # of a busy one's chunk (the local backend can; Dask cannot).
+                give_back = getattr(backend, "give_back", None)
+                if give_back is not None and not self._stopping:
+                    give_back()
                 return
             self._chunk_ids += 1
             backend.submit(Chunk(self._chunk_ids, items, span))
@@ -361,8 +380,10 @@ class Runner:
                     if row is not None:
                         rows.append(row)
             self.store.record_failures(rows)
-        if ev.n_run < len(items) and not self._stopping:
-            self._retry.extendleft(reversed(items[ev.n_run:]))
+        if ev.n_run < len(items) and not self._stopping:  # given back: dispatch the rest again
+            rest = items[ev.n_run:]
+            self._returned.appendleft(rest)
+            self._dispatched -= len(rest)
         self._dirty = True
 
     def _chunks_lost(self, ev: ChunksLost) -> None:

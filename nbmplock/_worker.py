@@ -21,9 +21,11 @@ worker -> parent
         results a second time.
 
 Shared memory the parent reads without a message (so a crash or a timeout can
-be blamed on the exact item): ``slot = [chunk_id, pos, started]`` is written
-before each call of ``process``; ``stop_flag`` set to 1 asks every worker to
-return after the item it is running.
+be blamed on the exact item): ``slot = [chunk_id, pos, started, give_back]`` is
+written before each call of ``process``; ``stop_flag`` set to 1 asks every worker
+to return after the item it is running, and the parent setting ``give_back`` to
+a chunk's id asks this worker to return that chunk after its current item (or
+at once, when it has not started it), so that an idle worker can take the rest.
 
 stdout and stderr (file descriptors 1 and 2) are a pipe the parent reads, so
 output of ``print``, of C extensions and of a dying interpreter is kept.
@@ -158,8 +160,10 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
     ``slot[1]`` is set to the index of the unit (item, or batch of
     ``batch_size`` items) before each call of ``process`` (and to -1 after the
     last), ``slot[2]`` to its start time when ``timing`` (needed for
-    ``item_timeout``; it costs a clock read per item); ``stop_flag.value`` set
-    ends the chunk early. The loop is kept tight: it is the per-item cost.
+    ``item_timeout``; it costs a clock read per item); ``stop_flag.value`` set,
+    or ``slot[3]`` equal to ``slot[0]`` (this chunk's id, written by the
+    caller), ends the chunk early. The loop is kept tight: it is the per-item
+    cost.
     """
     step = batch_size or 1
     units = items if batch_size is None else [items[i:i + step]
@@ -167,6 +171,7 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
     flag = _view(stop_flag, "i", _Value0(stop_flag))
     where = _view(slot, "d", slot)
     clock = time.monotonic
+    chunk_id = where[0]
     results: list = []
     append = results.append
     failures: list = []
@@ -174,7 +179,7 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
     n_run = len(items)
     chunk_start = time.perf_counter()
     for index, unit in enumerate(units):
-        if flag[0]:
+        if flag[0] or where[3] == chunk_id:
             n_run = index * step
             break
         where[1] = index

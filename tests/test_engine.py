@@ -54,6 +54,39 @@ def test_dead_worker_fails_its_item_and_the_run_goes_on(tmp_path, how, exitcode,
     assert read_contents(str(tmp_path)).done == set(saver.names)
 
 
+def _ran_where(item, shared, init):
+    if item.startswith("slow"):
+        time.sleep(0.3)
+    return item, os.getpid()
+
+
+def _ran_where_batch(items, shared, init):
+    return [_ran_where(item, shared, init) for item in items]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_an_idle_worker_takes_over_the_rest_of_a_slow_chunk(tmp_path, batch_size):
+    """Work stealing: the first chunk holds every slow item. Without a give-back
+    one worker runs all six while the other sits idle once the fast ones are done."""
+    items = [f"slow-{n}" for n in range(6)] + [f"fast-{n:02d}" for n in range(30)]
+    saved: list = []
+
+    def save(path, results, names):
+        assert [item for item, _ in results] == list(names)
+        saved.extend(results)
+
+    if batch_size:
+        nbmplock.mp_lock_batch(items, _ran_where_batch, save, 2, str(tmp_path), batch_size,
+                               verbose=False, chunk_size=6)
+    else:
+        mp_lock(items, _ran_where, save, 2, str(tmp_path), verbose=False, chunk_size=6)
+    assert sorted(item for item, _ in saved) == sorted(items)  # every item, once
+    slow_pids = {pid for item, pid in saved if item.startswith("slow")}
+    assert len(slow_pids) == 2, "the slow items all ran in one worker"
+    assert read_contents(str(tmp_path)).done == set(items)
+
+
 @pytest.mark.timeout(60)
 def test_dead_worker_raises_worker_died_error_by_default(tmp_path):
     with pytest.raises(WorkerDiedError, match="i013") as info:
