@@ -3,7 +3,7 @@
 ``status OUT_PATH``    done / failed / total, last update, live holder, last failures
 ``failures OUT_PATH``  every failure with its traceback
 ``repair OUT_PATH``    rewrite a damaged log, keeping every readable record
-``demo [OUT_PATH]``    a short job that is stopped halfway and resumed
+``demo [OUT_PATH]``    a short job that is stopped part-way and resumed
 
 Works while a run is going on: it reads without taking the lock.
 """
@@ -80,7 +80,7 @@ def _demo_work(item: str, shared_data: dict, init_values: dict) -> str:
 
 
 def demo(out_path: str, n_items: int, out) -> int:
-    """Run a job, stop it halfway, resume it: what a crash-proof map looks like."""
+    """Run a job, stop it part-way, resume it: what a crash-proof map looks like."""
     import json
     import threading
 
@@ -95,7 +95,7 @@ def demo(out_path: str, n_items: int, out) -> int:
         with open(path + ".jsonl", "a", encoding="utf-8") as f:
             f.writelines(json.dumps({"item": n, "hash": r}) + "\n" for n, r in zip(names, results))
 
-    out.write(f"1. Start a job of {n_items} items on every core, and stop it halfway "
+    out.write(f"1. Start a job of {n_items} items on every core, and stop it once half are done "
               "(as a crash, Ctrl-C or the Stop button would):\n")
     out.flush()
     job = Job(items, _demo_work, out_path, save_callback=save, shared_data=shared)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p_fail.add_argument("out_path")
     p_repair = sub.add_parser("repair", help="rewrite a damaged log, keeping readable records")
     p_repair.add_argument("out_path")
-    p_demo = sub.add_parser("demo", help="a short job, stopped halfway and resumed")
+    p_demo = sub.add_parser("demo", help="a short job, stopped part-way and resumed")
     p_demo.add_argument("out_path", nargs="?", default=None,
                         help="run directory (default: a new temporary directory)")
     p_demo.add_argument("--items", type=int, default=2000)
