@@ -194,6 +194,10 @@ class DaskBackend:
     #: Items per task are capped at about this many bytes: a task's arguments go
     #: through the scheduler.
     max_task_bytes = 1 << 20
+    #: Seconds of work per task. Shorter than the local backend's chunks: a
+    #: Dask task cannot be cut once it runs (there is no ``give_back``), so the
+    #: tail is balanced by small tasks instead.
+    target_chunk_seconds = 0.2
 
     def __init__(self, payload: WorkPayload, backend, *, workers: int | None = None,
                  item_timeout: float | None = None):
