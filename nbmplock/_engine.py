@@ -263,7 +263,10 @@ class LocalBackend:
                 units = -(-len(chunk.items) // self._unit)
                 running = i == 0 and int(w.slot[0]) == chunk.id
                 if i == 0 and not running:
-                    continue  # about to start: taking it back would only delay it
+                    # About to start: taking it back would only delay it (and
+                    # could ping-pong). The next event, or the progress update
+                    # that follows every dispatch, has the runner look again.
+                    continue
                 if running:
                     pos = int(w.slot[1])
                     units = units - pos - 1 if pos >= 0 else 0  # -1: its last unit is done
