@@ -141,6 +141,67 @@ def live_job(out_path: str) -> Job | None:
     return job if job is not None and job.state.active else None
 
 
+class _Handoff:
+    """Who owns a run being launched: the job's new thread, or the caller of
+    start() when it was interrupted first. Exactly one of them claims it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: str | None = None
+
+    def claim(self, who: str) -> bool:
+        with self._lock:
+            if self._owner is None:
+                self._owner = who
+            return self._owner == who
+
+
+class _RunEnd:
+    """The end of a run, for threads to wait on; Ctrl-C may land anywhere in wait().
+
+    Neither ``threading.Event`` nor ``Thread.join`` survive that in Python
+    3.11: a KeyboardInterrupt just after ``Event.wait`` took its Condition's
+    lock (in ``Condition.__enter__``) leaves the lock held, and the run's end
+    and every later wait hang; one interrupting ``Thread.join`` while the
+    thread runs releases the thread's own lock, and the thread counts as
+    ended while it still runs. Here each waiter blocks on a lock of its own,
+    which the job's thread releases at the end: an interrupted waiter leaves
+    nothing locked that anyone else needs.
+    """
+
+    def __init__(self) -> None:
+        self.ended = True
+        self._waiters: list = []
+
+    def begin(self) -> None:
+        self._waiters = []
+        self.ended = False
+
+    def end(self) -> None:
+        self.ended = True
+        for lock in list(self._waiters):
+            try:
+                lock.release()
+            except RuntimeError:  # its waiter was interrupted and left
+                pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.ended:
+            return True
+        lock = threading.Lock()
+        lock.acquire()
+        self._waiters.append(lock)
+        try:
+            if not self.ended:  # end() may have run before the append
+                lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+        finally:
+            try:
+                self._waiters.remove(lock)
+            except ValueError:
+                pass
+        return self.ended
+
+
 class Job:
     """A resumable parallel map over ``data_list``, recorded in ``out_path``.
 
@@ -180,8 +241,7 @@ class Job:
         self._observers: list[Callable[[Event], None]] = []
         self._runner: Runner | None = None
         self._thread: threading.Thread | None = None
-        self._finished = threading.Event()
-        self._finished.set()
+        self._end = _RunEnd()
         self.error: BaseException | None = None
         self.fingerprint_changes: list[str] = []
         self.output: deque[str] = deque(maxlen=OUTPUT_TAIL)
@@ -272,8 +332,11 @@ class Job:
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the run ends (or ``timeout``); True when it has ended."""
-        return self._finished.wait(timeout)
+        """Block until the run ends (or ``timeout``); True when it has ended.
+
+        Ctrl-C may land anywhere in it (see :class:`_RunEnd`).
+        """
+        return self._end.wait(timeout)
 
     def _launch(self, mode: str) -> None:
         existing = live_job(self.out_path)
@@ -282,22 +345,48 @@ class Job:
                                  " (another Job in this process; nbmplock.run() returns it)")
         runner = Runner(self.spec, mode=mode, listener=self._on_runner,
                         backend_factory=make_backend_factory(self.spec.options))
-        runner.prepare()  # raises here, in the caller, for a locked or unwritable out_path
-        self.fingerprint_changes = runner.fingerprint_changes
-        self.error = None
-        self.reattached = False
-        self._runner = runner
-        self._rate_samples.clear()
-        self._finished.clear()
-        self._state = JobState.RUNNING
-        with _live_lock:
-            _live[os.path.realpath(self.out_path)] = weakref.ref(self)
-        self._thread = threading.Thread(target=self._run, args=(runner,),
-                                        name=f"nbmplock-{os.path.basename(self.out_path)}",
-                                        daemon=True)
-        self._thread.start()
+        previous = self._state
+        handoff = _Handoff()
+        try:
+            runner.prepare()  # raises here, in the caller, for a locked or unwritable out_path
+            self.fingerprint_changes = runner.fingerprint_changes
+            self.error = None
+            self.reattached = False
+            self._runner = runner
+            self._rate_samples.clear()
+            self._end.begin()
+            self._state = JobState.RUNNING
+            with _live_lock:
+                _live[os.path.realpath(self.out_path)] = weakref.ref(self)
+            self._thread = threading.Thread(target=self._run, args=(runner, handoff),
+                                            name=f"nbmplock-{os.path.basename(self.out_path)}",
+                                            daemon=True)
+            self._thread.start()
+        except BaseException:
+            # Raised before the job's thread took the run over: an error, or a
+            # Ctrl-C between two bytecodes (even inside Thread.start, which can
+            # leave the new thread stuck before it runs). Whoever claims the
+            # handoff first owns the run; here, nothing is left half-started:
+            # the run directory is unlocked and wait() returns.
+            if handoff.claim("caller"):
+                self._abandon(runner, previous)
+            raise
 
-    def _run(self, runner: Runner) -> None:
+    def _abandon(self, runner: Runner, previous: JobState) -> None:
+        try:
+            if runner.store is not None:
+                runner.store.close()
+        finally:
+            with _live_lock:
+                key = os.path.realpath(self.out_path)
+                if key in _live and _live[key]() is self:
+                    del _live[key]
+            self._state = previous
+            self._end.end()
+
+    def _run(self, runner: Runner, handoff: _Handoff) -> None:
+        if not handoff.claim("thread"):
+            return  # start() was interrupted first and has undone the launch
         try:
             outcome = runner.run()
             self.error = outcome.error
@@ -315,7 +404,7 @@ class Job:
         try:
             self._emit(Event("state", self.progress))
         finally:
-            self._finished.set()  # after the views saw the final state
+            self._end.end()  # after the views saw the final state
 
     # -- observing -------------------------------------------------------
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
