@@ -41,8 +41,8 @@ PUBLISH_INTERVAL = 0.1
 #: stealing, see _engine), so long chunks do not unbalance skewed work. What is
 #: left to trade is progress granularity and the work a SIGKILLed driver
 #: loses, against the round trips: on 2 cores each one wakes the parent, which
-#: takes a core from a worker. 0.5 s matched Pool on W2 where 0.2 s was 2.5%
-#: behind, with W4 unchanged (python -m bench.w2_anatomy; bench/, paired).
+#: takes a core from a worker. With 0.5 s, W2 was level with Pool in paired
+#: runs (0.2 s: 0.6 to 2.5% behind) and W4 unchanged (python -m bench.w2_anatomy).
 TARGET_CHUNK_SECONDS = 0.5
 MAX_CHUNK_ITEMS = 10_000
 MAX_CHUNK_BYTES = 4 << 20
