@@ -72,6 +72,10 @@ _COMPACT_MIN_RECORDS = 4096
 _COMPACT_GROUP = 200_000
 
 
+def _test_hook(where: str) -> None:
+    """Replaced by tests to widen a race window on purpose (see tests/test_store.py)."""
+
+
 @dataclass(frozen=True)
 class Failure:
     """Why one item is not done.
@@ -372,10 +376,20 @@ class RunStore:
         self._fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         self._size = os.fstat(self._fd).st_size
         self._out = open(os.path.join(self.dir, "output.log"), "ab")
+        # The group-commit handshake (see _sync_loop). One mutex, one condition;
+        # every field below is written under ``_cond`` except where noted.
+        #   _dirty:   a record was written since the last commit started. The
+        #             writer sets it (and notifies) only when it was clear; the
+        #             syncer clears it just before it calls fdatasync, so a record
+        #             written before the clear is in that commit, and one written
+        #             after it finds the flag clear and wakes the next commit.
+        #   _closing: close() (or a failed commit) asks the syncer to return.
+        # The syncer waits only inside ``while not predicate: wait()``, so a
+        # notify sent before it waits is never lost.
+        self._cond = threading.Condition(threading.Lock())
         self._dirty = False
+        self._closing = False
         self._sync_error: OSError | None = None
-        self._closing = threading.Event()
-        self._written = threading.Event()  # set by every record, cleared by the syncer
         self._syncer: threading.Thread | None = None
         self.closed = False
 
@@ -454,9 +468,10 @@ class RunStore:
                 pass
             raise
         self._size = start + size
-        self._dirty = True
-        if not self._written.is_set():
-            self._written.set()
+        if not self._dirty:  # read without the lock: a stale True is covered (see __init__)
+            with self._cond:
+                self._dirty = True
+                self._cond.notify()
         if self._syncer is None:
             self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                             name="nbmplock-fsync")
@@ -519,22 +534,41 @@ class RunStore:
         whose items take minutes therefore costs no wake-ups in between: on a
         machine with as many workers as cores, each wake-up of the parent
         takes a core from a worker.
+
+        Invariant: it returns only when ``_closing`` is set, and every wait is
+        ``while not predicate: wait()`` under ``_cond``, whose predicate the
+        writers and :meth:`close` change under ``_cond`` before notifying.
         """
+        cond = self._cond
         while True:
-            self._written.wait()
-            if self._closing.wait(SYNC_INTERVAL):
-                return
-            self._written.clear()  # records from here on wake the next round
+            with cond:
+                while not (self._dirty or self._closing):
+                    cond.wait()  # a record was written, or close()
+                if self._closing:
+                    return
+                deadline = time.monotonic() + SYNC_INTERVAL
+                while not self._closing:  # let records gather, unless close() comes
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    cond.wait(left)
+                if self._closing:
+                    return  # close() commits what is left itself
+            _test_hook("syncer-before-commit")
             self._sync()
 
     def _sync(self) -> None:
-        if self._dirty:
-            self._dirty = False  # records written from now on wait for the next commit
-            try:
-                os.fdatasync(self._fd)
-            except OSError as exc:  # e.g. ENOSPC: the next write or close raises it
+        with self._cond:
+            if not self._dirty:
+                return
+            self._dirty = False  # records written from now on wake the next commit
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:  # e.g. ENOSPC: the next write or close raises it
+            with self._cond:
                 self._sync_error = exc
-                self._closing.set()
+                self._closing = True
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Commit everything and release the lock. Safe to call twice."""
@@ -542,8 +576,9 @@ class RunStore:
             return
         self.closed = True
         try:
-            self._closing.set()
-            self._written.set()  # wakes an idle syncer so that it sees the close
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()  # the syncer returns whatever it was waiting for
             if self._syncer is not None:
                 self._syncer.join()
             self._sync()

@@ -72,3 +72,32 @@ class Saver:
     @property
     def names(self):
         return [n for _, _, batch in self.calls for n in batch]
+
+
+def dump_stacks(why: str) -> None:
+    """Print every thread's stack to stderr: a hang must explain itself."""
+    import faulthandler
+    import sys
+
+    sys.stderr.write(f"\n=== {why}: stacks of every thread of pid {os.getpid()} ===\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
+def join_or_dump(thread, timeout: float, what: str = "thread") -> None:
+    """Join ``thread``; if it is still alive after ``timeout``, dump stacks and fail."""
+    import pytest
+
+    thread.join(timeout)
+    if thread.is_alive():
+        dump_stacks(f"{what} still running after {timeout} s")
+        pytest.fail(f"{what} did not end within {timeout} s (stacks dumped to stderr)")
+
+
+def wait_job(job, timeout: float = 60.0) -> None:
+    """``job.wait`` bounded; on timeout dump every thread's stack and fail."""
+    import pytest
+
+    if not job.wait(timeout):
+        dump_stacks(f"job on {job.out_path!r} still {job.state.value} after {timeout} s")
+        pytest.fail(f"the job did not end within {timeout} s (stacks dumped to stderr)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import os
 import time
 
@@ -207,3 +208,61 @@ def test_close_releases_the_lock_when_the_last_flush_fails(tmp_path):
     again = RunStore.open(out, keep_results=False)
     assert again.contents.done == {"a"}
     again.close()
+
+
+def test_close_while_the_syncer_is_about_to_commit_never_hangs(tmp_path, monkeypatch):
+    """Issue 12, case 1: close() landing between the syncer's gather and its commit.
+
+    The old loop cleared its wake-up event after a timed-out wait; a close()
+    landing just before that clear was erased and close() joined a syncer
+    that waited for ever. The hook holds the syncer in that window while
+    close() runs.
+    """
+    from nbmplock import _store
+
+    in_window = threading.Event()
+
+    def hook(where):
+        if where == "syncer-before-commit" and not in_window.is_set():
+            in_window.set()
+            time.sleep(0.3)  # close() runs meanwhile
+
+    monkeypatch.setattr(_store, "_test_hook", hook)
+    monkeypatch.setattr(_store, "SYNC_INTERVAL", 0.01)
+    store = RunStore.open(str(tmp_path), keep_results=False)
+    store.record_done(["a"])
+    assert in_window.wait(10)
+    closer = threading.Thread(target=store.close, name="closer")
+    closer.start()
+    helpers.join_or_dump(closer, 10, "RunStore.close")
+    store = RunStore.open(str(tmp_path), keep_results=False)  # the lock was released
+    store.close()
+    assert read_contents(str(tmp_path)).done == {"a"}
+
+
+def test_open_append_close_thousands_of_times_always_ends(tmp_path, monkeypatch):
+    """Stress the syncer handshake: random pauses around appends and close()."""
+    import random
+
+    from nbmplock import _store
+
+    rng = random.Random(12)
+    monkeypatch.setattr(_store, "SYNC_INTERVAL", 0.0005)
+
+    def cycle(i):
+        store = RunStore.open(str(tmp_path), keep_results=False)
+        for j in range(rng.randrange(0, 4)):
+            store.record_done([f"{i}-{j}"])
+            if rng.random() < 0.5:
+                time.sleep(rng.random() * 0.001)
+        if rng.random() < 0.5:
+            time.sleep(rng.random() * 0.001)
+        store.close()
+
+    def loop():
+        for i in range(2000):
+            cycle(i)
+
+    worker = threading.Thread(target=loop, name="store-cycles")
+    worker.start()
+    helpers.join_or_dump(worker, 240, "2000 open/append/close cycles")
