@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._backend import make_backend_factory
-from ._errors import JobStateError, RunLockedError
+from ._errors import InvalidArgumentsError, JobStateError, RunLockedError
 from ._runner import Counters, Runner, items_hash
 from ._store import Failure, read_complete, read_contents
-from ._validate import Spec, make_options, make_spec
+from ._validate import Spec, check_out_path, make_options, make_spec
 
 log = logging.getLogger("nbmplock")
 
@@ -554,7 +554,10 @@ def run(data_list: Sequence[str], process: Callable, out_path: str, **kwargs: An
     If this process already runs a Job on ``out_path`` (the cell was run again),
     no second run starts: that live Job is returned, and a warning says so.
     """
-    existing = live_job(out_path) if isinstance(out_path, str) else None
+    try:
+        existing = live_job(check_out_path("out_path", out_path))
+    except InvalidArgumentsError:
+        existing = None  # Job() below says what is wrong with it
     if existing is not None:
         log.warning("nbmplock: a run on %r is already going in this kernel; showing it "
                     "instead of starting a second one", out_path)

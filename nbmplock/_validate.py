@@ -88,11 +88,18 @@ def check_items(name: str, items: object) -> Sequence[str]:
 
 
 def check_out_path(name: str, out_path: object) -> str:
+    """The run directory as an absolute path, ``~`` expanded.
+
+    Made absolute once, when the job is created: a notebook's ``%cd`` (or
+    ``os.chdir``) during a run must not move the run, nor the
+    ``output_filepath`` given to ``save_callback``.
+    """
     if isinstance(out_path, os.PathLike):
         out_path = os.fspath(out_path)
     if not isinstance(out_path, str) or not out_path.strip():
         raise InvalidArgumentsError(name, "a non-empty str path of a directory",
                                     f"got {out_path!r}")
+    out_path = os.path.abspath(os.path.expanduser(out_path))
     if os.path.exists(out_path) and not os.path.isdir(out_path):
         raise InvalidArgumentsError(name, "a directory path (it is an existing file)",
                                     f"got {out_path!r}")

@@ -291,3 +291,41 @@ def test_ctrl_c_at_any_point_of_start_leaves_no_locked_or_wedged_run(tmp_path):
     final.start()
     assert final.wait(30) and final.state is JobState.FINISHED
     assert read_contents(out).done == set(items)
+
+
+@pytest.mark.timeout(60)
+def test_relative_out_path_survives_chdir_during_the_run(tmp_path, monkeypatch):
+    """Issue 12, case 5: ``%cd`` in a notebook must not move a running job."""
+    start_dir, other = tmp_path / "start", tmp_path / "other"
+    start_dir.mkdir()
+    other.mkdir()
+    monkeypatch.chdir(start_dir)
+    saver = Saver()
+    job = Job(ITEMS[:400], helpers.slow, "rel", num_procs=2, save_callback=saver,
+              shared_data={"sleep": 0.005})
+    assert job.out_path == str(start_dir / "rel")
+    job.start()
+    monkeypatch.chdir(other)
+    helpers.wait_job(job)
+    assert job.state is JobState.FINISHED, job.error
+    assert {path for path, _, _ in saver.calls} == {str(start_dir / "rel" / "data")}
+    assert read_contents(str(start_dir / "rel")).done == set(ITEMS[:400])
+    assert not (other / "rel").exists()
+
+
+@pytest.mark.timeout(60)
+def test_out_path_tilde_and_pathlib_name_the_same_run(tmp_path, monkeypatch):
+    """Issue 13, items 5 and 6: ``~`` is expanded; a Path finds the live run of a str."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job = nbmplock.run(ITEMS[:200], helpers.slow, "~/runs/x", num_procs=1,
+                       shared_data={"sleep": 0.02})
+    try:
+        assert job.out_path == str(tmp_path / "runs" / "x")
+        again = nbmplock.run(ITEMS[:200], helpers.slow, tmp_path / "runs" / "x", num_procs=1,
+                             shared_data={"sleep": 0.02})
+        assert again is job and job.reattached
+    finally:
+        if job.state.active:
+            job.stop(force=True)
+        helpers.wait_job(job)
+    assert not (tmp_path / "~").exists()
