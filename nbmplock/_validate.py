@@ -6,6 +6,8 @@ was expected, before a file is touched or a process started.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 import os
 from collections.abc import Callable, Sequence
@@ -87,6 +89,39 @@ def check_items(name: str, items: object) -> Sequence[str]:
     return items
 
 
+def _lazy_kind(fn: object) -> str | None:
+    """"an async def function" (etc.) when calling ``fn`` would not run its body."""
+    targets = [fn]
+    call = getattr(type(fn), "__call__", None)
+    if call is not None and not inspect.isroutine(fn) and not isinstance(fn, functools.partial):
+        targets.append(call)  # a callable object: its __call__ decides
+    for target in targets:
+        if inspect.iscoroutinefunction(target):
+            return "an async def function"
+        if inspect.isasyncgenfunction(target):
+            return "an async generator function"
+        if inspect.isgeneratorfunction(target):
+            return "a generator function"
+    return None
+
+
+def check_not_lazy(name: str, fn: object) -> None:
+    """Refuse a function whose call only creates a coroutine or generator.
+
+    Run as is, its body would never run, and every item would be recorded
+    done without having been processed.
+    """
+    if fn is None:
+        return
+    kind = _lazy_kind(fn)
+    if kind is not None:
+        raise InvalidArgumentsError(
+            name, "a plain function (not async def, not a generator)",
+            f"got {kind}; calling it returns a coroutine or generator without running its "
+            "body. Make it a plain def that returns its result (e.g. wrap a coroutine: "
+            "def f(item, s, v): return asyncio.run(g(item, s, v)))")
+
+
 def check_out_path(name: str, out_path: object) -> str:
     """The run directory as an absolute path, ``~`` expanded.
 
@@ -160,6 +195,9 @@ def make_spec(items: object, process: object, out_path: object, *,
     if not callable(process):
         raise InvalidArgumentsError("process", "a callable process(item, shared_data, init_values)",
                                     f"got {type(process).__name__}")
+    for name, fn in (("process", process), ("init_function", init_function),
+                     ("save_callback", save_callback)):
+        check_not_lazy(name, fn)
     return Spec(
         items=items,
         process=process,

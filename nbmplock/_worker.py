@@ -42,6 +42,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 from typing import Any
 
 import dill
@@ -204,7 +205,38 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
                              "exception"))
             results.extend([None] * count)
     where[1] = -1.0
+    if not _LAZY.isdisjoint(map(type, results)):
+        _fail_lazy_results(results, failures)
     return n_run, results, failures, time.perf_counter() - chunk_start
+
+
+#: Return values that mean "not run yet": recording such an item done would be a lie.
+_LAZY = frozenset({types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType})
+
+
+def _fail_lazy_results(results: list, failures: list) -> None:
+    """Each coroutine or generator returned by ``process`` fails its item.
+
+    Its body never ran: an ``async def`` or generator function was called and
+    only created the object. It is closed, so Python does not warn that it
+    was never awaited.
+    """
+    failed = {pos for pos, count, *_ in failures for pos in range(pos, pos + count)}
+    for pos, value in enumerate(results):
+        if type(value) in _LAZY and pos not in failed:
+            what = {types.CoroutineType: "a coroutine (is process an async def function?)",
+                    types.GeneratorType: "a generator (does process use yield?)",
+                    types.AsyncGeneratorType: "an async generator"}[type(value)]
+            try:
+                value.close() if not isinstance(value, types.AsyncGeneratorType) else None
+            except Exception:  # noqa: BLE001 - closing is a courtesy
+                pass
+            exc = TypeError(f"process() returned {what}: its body never ran, so the item "
+                            "is not done. Return the result itself (collect a generator "
+                            "with list(...), run a coroutine with asyncio.run(...)).")
+            failures.append((pos, 1, *describe_exception(exc), None, "exception"))
+            results[pos] = None
+    failures.sort(key=lambda f: f[0])
 
 
 def main(tasks, conn, out_conn, payload, slot, stop_flag, close_fds, want_results,

@@ -33,6 +33,27 @@ def ok_batch(items, shared_data, init_values):
     return [i.upper() for i in items]
 
 
+async def async_process(item, shared_data, init_values):
+    return item
+
+
+def generator_process(item, shared_data, init_values):
+    yield item
+
+
+async def async_save(output_filepath, data_results, data_names):
+    pass
+
+
+async def async_init(shared_data):
+    return {}
+
+
+class AsyncCallable:
+    async def __call__(self, item, shared_data, init_values):
+        return item
+
+
 APIS = ["mp_lock", "mp_lock_value", "mp_lock_batch", "Job"]
 SEED_APIS = APIS[:3]
 
@@ -84,6 +105,11 @@ CASES = [
     ("process", None, APIS, "got NoneType"),
     ("process", 5, APIS, "got int"),
     ("process", "ok_process", APIS, "got str"),
+    ("process", async_process, APIS, "got an async def function"),
+    ("process", generator_process, APIS, "got a generator function"),
+    ("process", AsyncCallable(), APIS, "got an async def function"),
+    ("init_function", async_init, APIS, "got an async def function"),
+    ("save_callback", async_save, APIS, "got an async def function"),
     ("save_callback", 5, APIS, "got int"),
     ("save_callback", "save", APIS, "got str"),
     ("num_procs", 0, APIS, "got 0"),
@@ -307,3 +333,34 @@ def test_items_with_nul_are_not_confused_with_another_list(tmp_path):
     assert nbmplock.mp_lock_value(["a\x00b"], counting, None, 1, out, shared_data=shared,
                                   verbose=False) == ["A\x00B"]
     assert _counts(ledger) == Counter(["a", "b", "a\x00b"])
+
+
+def returns_lazy(item, shared_data, init_values):
+    """A plain function that returns a generator or a coroutine for some items."""
+    if item == "gen":
+        return (c for c in item)
+    if item == "coro":
+        return async_process(item, shared_data, init_values)
+    return item
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["mp_lock", "mp_lock_batch"])
+def test_a_coroutine_or_generator_returned_at_run_time_is_a_failure_not_done(tmp_path, api):
+    """Issue 12, case 3: never record done an item whose work never ran."""
+    out = tmp_path / "out"
+    items = ["a", "gen", "b", "coro", "c"]
+    process = returns_lazy
+    if api == "mp_lock_batch":
+        def process(batch, shared_data, init_values):
+            return [returns_lazy(i, shared_data, init_values) for i in batch]
+    with pytest.raises(TypeError, match="returned a generator"):
+        call(api, out, data_list=items, process=process)
+    summary = call(api, out, data_list=items, process=process, errors="record")
+    assert {f.item for f in summary.failures} == {"gen", "coro"}
+    assert {f.exc_type for f in summary.failures} == {"TypeError"}
+    done = nbmplock._store.read_contents(str(out)).done
+    assert done == {"a", "b", "c"}
+    assert not nbmplock.is_mp_lock_completed(items, str(out))
+    log = (out / ".nbmplock" / "output.log").read_text()
+    assert "never awaited" not in log
