@@ -18,7 +18,8 @@ The seed library's API is kept: ``mp_lock``, ``mp_lock_value`` (alias
 from __future__ import annotations
 
 from ._errors import (InvalidArgumentsError, ItemTimeoutError, JobStateError,
-                      MissingDependencyError, NbmplockError, RemoteTraceback, RunLockedError,
+                      MissingDependencyError, NbmplockError, RemoteTraceback,
+                      RunDirectoryLostError, RunLockedError,
                       SerializationError, StoreCorruptError, WorkerDiedError, WorkerInitError)
 from ._job import Event, Job, JobState, Progress, RunSummary, run
 from ._seed import is_mp_lock_completed, mp_lock, mp_lock_batch, mp_lock_value, mp_lock_values
@@ -38,6 +39,7 @@ __all__ = [
     "NbmplockError",
     "Progress",
     "RemoteTraceback",
+    "RunDirectoryLostError",
     "RunLockedError",
     "RunSummary",
     "SerializationError",

@@ -7,6 +7,7 @@
     ├── SerializationError (TypeError)       a function or shared_data cannot reach a worker
     ├── RunLockedError (RuntimeError)        another live run holds the run directory
     ├── StoreCorruptError (RuntimeError)     a damaged record in the middle of the run store
+    ├── RunDirectoryLostError (RuntimeError) the run directory was deleted or replaced mid-run
     ├── JobStateError (RuntimeError)         a Job method called in a state that forbids it
     ├── WorkerInitError (RuntimeError)       init_function raised in a worker
     ├── WorkerDiedError (RuntimeError)       a worker process died while holding items
@@ -65,6 +66,15 @@ class RunLockedError(NbmplockError, RuntimeError):
 
 class StoreCorruptError(NbmplockError, RuntimeError):
     """A record in the middle of the run store is damaged; nothing was discarded."""
+
+
+class RunDirectoryLostError(NbmplockError, RuntimeError):
+    """The run directory's log or lock was deleted, moved or replaced during the run.
+
+    The run stops at once: what it recorded since then went to a file that is
+    no longer there, so it cannot claim that work, and another run may now
+    hold the directory.
+    """
 
 
 class JobStateError(NbmplockError, RuntimeError):

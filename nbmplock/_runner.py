@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from itertools import filterfalse
 
 from ._backend import Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput, WorkPayload
-from ._errors import (ItemTimeoutError, RemoteTraceback, SerializationError, WorkerDiedError,
-                      WorkerInitError, add_note)
+from ._errors import (ItemTimeoutError, RemoteTraceback, RunDirectoryLostError,
+                      SerializationError, WorkerDiedError, WorkerInitError, add_note)
 from ._store import Failure, Fingerprint, RunStore, read_fingerprint
 from ._validate import Spec
 
@@ -50,6 +50,9 @@ MAX_CHUNK_BYTES = 4 << 20
 #: so big results stream (the worker never blocks on a message the parent
 #: cannot start on) instead of arriving as one huge pickle per chunk.
 RESULT_CHUNK_BYTES = 1 << 20
+#: Seconds between two checks that the run directory is still this run's
+#: (deleted or replaced mid-run: the run stops with RunDirectoryLostError).
+PLACE_CHECK_INTERVAL = 1.0
 _EMA = 0.5
 
 
@@ -139,6 +142,7 @@ class Runner:
         self._recent_output: dict = {}
         self._new_failures: list = []
         self._next_publish = 0.0
+        self._next_check = 0.0
         self._dirty = True
 
     # -- preparing (in the caller's thread) ------------------------------
@@ -242,7 +246,13 @@ class Runner:
                 self._dispatch(backend)
             if c.in_flight == 0 and (self._stopping or self._exhausted()):
                 break
-            for event in backend.wait(self._publish_due(time.monotonic())):
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + PLACE_CHECK_INTERVAL
+                self.store.check_place()
+            timeout = self._next_check - now
+            due = self._publish_due(now)
+            for event in backend.wait(timeout if due is None else min(due, timeout)):
                 self._handle(event)
             self._publish()
 
@@ -508,6 +518,11 @@ class Runner:
                         self._handle(event)
                 c.in_flight = 0
                 c.in_flight_by_worker = {}
+                if self._error is None:
+                    try:  # never end "finished" on a directory that is no longer ours
+                        self.store.check_place()
+                    except RunDirectoryLostError as exc:
+                        self._error = exc
                 if (self._error is None and c.done_before + c.done == c.total
                         and self.store.contents.complete is None):
                     try:

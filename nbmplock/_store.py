@@ -54,7 +54,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any
 
-from ._errors import InvalidArgumentsError, RunLockedError, StoreCorruptError
+from ._errors import (InvalidArgumentsError, RunDirectoryLostError, RunLockedError,
+                      StoreCorruptError)
 
 log = logging.getLogger("nbmplock")
 
@@ -441,6 +442,24 @@ class RunStore:
         except BaseException:
             os.close(lock_fd)
             raise
+
+    def check_place(self) -> None:
+        """Raise :class:`RunDirectoryLostError` when the log or the lock file that
+        this run holds open is no longer the one at its path (deleted, moved,
+        replaced: a second run could then take the directory)."""
+        for what, path, fd in (("log", self._log_path, self._fd),
+                               ("lock", os.path.join(self.dir, "lock"), self._lock_fd)):
+            try:
+                there = os.stat(path)
+            except FileNotFoundError:
+                there = None
+            mine = os.fstat(fd)
+            if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+                raise RunDirectoryLostError(
+                    f"the run directory {self.out_path!r} was deleted, moved or replaced "
+                    f"during the run (its {what} file {path!r} is "
+                    f"{'gone' if there is None else 'another file'}); the run stopped. What "
+                    "it recorded since then is not in the directory: run again to redo it.")
 
     def private_fds(self) -> list[int]:
         """File descriptors a forked worker must close (so it never holds the lock)."""

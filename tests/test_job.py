@@ -329,3 +329,37 @@ def test_out_path_tilde_and_pathlib_name_the_same_run(tmp_path, monkeypatch):
             job.stop(force=True)
         helpers.wait_job(job)
     assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", ["out_path", "state dir", "replaced"])
+def test_run_directory_deleted_mid_run_stops_with_a_clear_error(tmp_path, what):
+    """Issue 12, case 4: never claim work the directory cannot prove."""
+    import shutil
+
+    from nbmplock import RunDirectoryLostError
+
+    out = tmp_path / "run"
+    job = Job(ITEMS[:600], helpers.slow, str(out), num_procs=2, shared_data={"sleep": 0.01})
+    job.start()
+    _wait_until(lambda: job.progress.done >= 20)
+    if what == "out_path":
+        shutil.rmtree(out)
+    elif what == "state dir":
+        shutil.rmtree(out / ".nbmplock")
+    else:  # another run's directory moved into its place
+        other = tmp_path / "other"
+        nbmplock.mp_lock(["z"], helpers.echo, None, 1, str(other), verbose=False)
+        shutil.rmtree(out)
+        other.rename(out)
+    helpers.wait_job(job, 30)
+    assert job.state is JobState.FAILED
+    assert isinstance(job.error, RunDirectoryLostError), job.error
+    assert "deleted, moved or replaced" in str(job.error)
+    assert not nbmplock.is_mp_lock_completed(ITEMS[:600], str(out))
+    # the directory is free: a new run starts and finishes
+    again = Job(ITEMS[:600], helpers.slow, str(out), num_procs=2, shared_data={"sleep": 0.0})
+    again.start()
+    helpers.wait_job(again)
+    assert again.state is JobState.FINISHED
+    assert nbmplock.is_mp_lock_completed(ITEMS[:600], str(out))
