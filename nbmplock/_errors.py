@@ -53,15 +53,18 @@ class SerializationError(NbmplockError, TypeError):
 class RunLockedError(NbmplockError, RuntimeError):
     """Another live run holds the lock on the run directory."""
 
-    def __init__(self, out_path: str, pid: int | None, detail: str = ""):
+    def __init__(self, out_path: str, pid: int | None, detail: str = "",
+                 message: str | None = None):
         self.out_path = out_path
         self.pid = pid
         holder = f"process {pid}" if pid else "another process"
-        super().__init__(
+        super().__init__(message or (
             f"{out_path!r} is in use by a live run ({holder}{detail}). "
             "Two runs on one out_path would record the same items twice; wait for it "
-            "to finish, stop it, or use another out_path."
-        )
+            "to finish, stop it, or use another out_path."))
+
+    def __reduce__(self):
+        return (type(self), (self.out_path, self.pid, "", str(self)))
 
 
 class StoreCorruptError(NbmplockError, RuntimeError):

@@ -24,7 +24,7 @@ from typing import Any
 
 from ._backend import make_backend_factory
 from ._errors import InvalidArgumentsError, JobStateError, RunLockedError
-from ._runner import Counters, Runner, items_hash
+from ._runner import Counters, Runner, StopMode, items_hash
 from ._store import Failure, read_complete, read_contents
 from ._validate import Spec, check_out_path, make_options, make_spec
 
@@ -118,7 +118,6 @@ _ALLOWED = {
     "start": (JobState.IDLE,),
     "resume": (JobState.IDLE, JobState.STOPPED, JobState.FAILED, JobState.FINISHED),
     "retry_failed": (JobState.IDLE, JobState.STOPPED, JobState.FAILED, JobState.FINISHED),
-    "stop": (JobState.RUNNING, JobState.STOPPING),
 }
 _WHY = {
     JobState.RUNNING: "it is running; stop() it first or wait()",
@@ -243,6 +242,9 @@ class Job:
         self._thread: threading.Thread | None = None
         self._end = _RunEnd()
         self.error: BaseException | None = None
+        #: What the last run's stop left undone, in words (results not saved,
+        #: a save_callback call abandoned); empty when nothing was.
+        self.notes: tuple[str, ...] = ()
         self.fingerprint_changes: list[str] = []
         self.output: deque[str] = deque(maxlen=OUTPUT_TAIL)
         self._rate_samples: deque = deque()
@@ -319,15 +321,25 @@ class Job:
     def stop(self, force: bool = False) -> Job:
         """Stop: by default workers finish their current item, which is recorded.
 
-        ``force=True`` kills the workers at once; their items stay not done.
-        Returns at once; :meth:`wait` for the stop to complete.
+        With a ``save_callback``, the stop takes effect within about one call
+        of it: results not handed to it by then are not recorded done and run
+        again on resume. ``force=True`` kills the workers at once and does not
+        wait for a ``save_callback`` call in progress (a hung one is
+        abandoned; :attr:`notes` says so); items not saved stay not done.
+        Returns at once; :meth:`wait` for the stop to complete. On a job that
+        is not running (it finished, or a Stop came late) it does nothing.
         """
+        return self._stop(StopMode.FORCE if force else StopMode.GRACEFUL)
+
+    def _stop(self, mode: StopMode) -> Job:
+        """Stop with ``mode``; ``StopMode.NOW`` is what Ctrl-C does (see _seed)."""
         with self._lock:
-            self._check("stop")
+            if not self._state.active:
+                return self
             runner = self._runner
             self._state = JobState.STOPPING
         if runner is not None:
-            runner.request_stop(force=force)
+            runner.request_stop(mode)
         self._emit(Event("state", self.progress))
         return self
 
@@ -351,6 +363,7 @@ class Job:
             runner.prepare()  # raises here, in the caller, for a locked or unwritable out_path
             self.fingerprint_changes = runner.fingerprint_changes
             self.error = None
+            self.notes = ()
             self.reattached = False
             self._runner = runner
             self._rate_samples.clear()
@@ -390,6 +403,7 @@ class Job:
         try:
             outcome = runner.run()
             self.error = outcome.error
+            self.notes = outcome.notes
             state = {"finished": JobState.FINISHED, "stopped": JobState.STOPPED,
                      "failed": JobState.FAILED}[outcome.status]
         except BaseException as exc:  # noqa: BLE001 - a bug must not leave the job RUNNING

@@ -28,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - IPython is there whenever a mag
         'the %%mplock magic needs IPython: pip install "nbmplock[notebook]"') from exc
 
 from ._job import Event, Job, JobState, run
+from ._runner import StopMode
 
 log = logging.getLogger("nbmplock")
 
@@ -232,12 +233,14 @@ class MplockMagics(Magics):
             _store_results(job, self.shell.user_ns, into)  # the observer may not have run yet
 
     def _interrupted(self, job: Job, job_var: str) -> None:
-        if job.state.active:
+        mode = StopMode.NOW  # the workers now; a save_callback call in progress completes
+        while True:
             try:
-                job.stop(force=True)
-            except JobStateError:
-                pass  # it ended meanwhile
-        job.wait()
+                job._stop(mode)
+                job.wait()
+                break
+            except KeyboardInterrupt:
+                mode = StopMode.FORCE  # interrupted again: wait for nothing
         if job.state is JobState.FINISHED:
             return
         p = job.progress

@@ -13,12 +13,14 @@ a field and wakes the backend's wait.
 
 from __future__ import annotations
 
+import enum
 import functools
-from array import array
 import hashlib
+from array import array
 import inspect
 import logging
 import marshal
+import os
 import pickle
 import time
 from collections import deque
@@ -27,8 +29,9 @@ from dataclasses import dataclass, field
 from itertools import filterfalse
 
 from ._backend import Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput, WorkPayload
-from ._errors import (ItemTimeoutError, RemoteTraceback, RunDirectoryLostError,
+from ._errors import (ItemTimeoutError, RemoteTraceback, RunDirectoryLostError, RunLockedError,
                       SerializationError, WorkerDiedError, WorkerInitError, add_note)
+from ._saver import Saver, abandoned_call
 from ._store import Failure, Fingerprint, RunStore, read_fingerprint
 from ._validate import Spec
 
@@ -50,6 +53,13 @@ MAX_CHUNK_BYTES = 4 << 20
 #: so big results stream (the worker never blocks on a message the parent
 #: cannot start on) instead of arriving as one huge pickle per chunk.
 RESULT_CHUNK_BYTES = 1 << 20
+#: After a stop, save_callback calls keep starting for this long (or the longest
+#: call's time, if longer) once the workers are done: a stop takes effect within
+#: one slow call, and a fast callback still saves what finished.
+STOP_SAVE_SECONDS = 0.2
+#: A new run waits this long for a save_callback call that a Force stop left
+#: running on its directory to return, before it refuses to start.
+ABANDONED_SAVE_WAIT = 3.0
 #: Seconds between two checks that the run directory is still this run's
 #: (deleted or replaced mid-run: the run stops with RunDirectoryLostError).
 PLACE_CHECK_INTERVAL = 1.0
@@ -70,10 +80,23 @@ class Counters:
     in_flight_by_worker: dict = field(default_factory=dict)
 
 
+class StopMode(enum.IntEnum):
+    """How hard a stop is; a later request can only make it harder."""
+
+    #: Workers finish the item they run; finished results are saved.
+    GRACEFUL = 1
+    #: Ctrl-C: workers are killed now; the save call in progress completes.
+    NOW = 2
+    #: Force stop, a second Ctrl-C, interpreter shutdown: nothing waits,
+    #: not even for a save_callback call in progress.
+    FORCE = 3
+
+
 @dataclass(frozen=True)
 class Outcome:
     status: str  # "finished", "stopped", "failed"
     error: BaseException | None = None
+    notes: tuple[str, ...] = ()  # what a stop left undone, in words
 
 
 def function_identity(fn: Callable) -> tuple[str, str]:
@@ -121,9 +144,10 @@ class Runner:
         self._backend_factory = backend_factory
         self._listener = listener
         self._backend = None
-        self._stop_request: str | None = None
+        self._stop_request: StopMode | None = None  # written by other threads
+        self._stop_begun: StopMode | None = None
         self._stopping = False
-        self._killed = False
+        self._notes: list[str] = []
         self._error: BaseException | None = None
         self._source: Sequence[str] | None = None  # what is left to dispatch, from _cursor
         self._cursor = 0
@@ -135,9 +159,12 @@ class Runner:
         self._chunk_ids = 0
         self._dispatched = 0
         self._bytes_cap = MAX_CHUNK_ITEMS
-        self._buf_names: list = []
+        self._buf_names: list = []     # results waiting to fill a save batch
         self._buf_results: list = []
-        self._callback_broken = False
+        self._saver: Saver | None = None
+        self._saved_seen = 0
+        self._cleared_seen = 0
+        self._final_since: float | None = None  # when the last saves began (run's end)
         self._new_output: list = []
         self._recent_output: dict = {}
         self._new_failures: list = []
@@ -154,6 +181,13 @@ class Runner:
         check = getattr(self._backend_factory, "check", None)
         if check is not None:
             check(self._payload)  # e.g. unpicklable under spawn: before the disk is touched
+        held = abandoned_call(spec.out_path, wait=ABANDONED_SAVE_WAIT)
+        if held is not None:
+            raise RunLockedError(spec.out_path, os.getpid(), message=(
+                f"a save_callback call on {spec.out_path!r} that a Force stop abandoned is "
+                f"still running (thread {held.name!r} of this process); a new run would call "
+                "save_callback while it runs. Wait for it to return and try again, or "
+                "restart the kernel if it hangs."))
         fn_name, fn_hash = function_identity(spec.process)
         self._items_hash = items_hash(spec.items)
         previous = read_fingerprint(spec.out_path)
@@ -205,8 +239,16 @@ class Runner:
         return n_distinct
 
     # -- control from other threads --------------------------------------
-    def request_stop(self, force: bool = False) -> None:
-        self._stop_request = "force" if force else (self._stop_request or "graceful")
+    def request_stop(self, mode: StopMode = StopMode.GRACEFUL) -> None:
+        """Thread-safe: ask for a stop; the manager carries it out at its next wake-up.
+
+        Invariant: the field is set before the wake-up byte is written, and the
+        manager reads the field after every wait, so a request is never missed.
+        A request made before the backend exists is read before it is started.
+        """
+        current = self._stop_request
+        if current is None or mode > current:
+            self._stop_request = mode
         backend = self._backend
         if backend is not None:
             backend.wakeup()
@@ -224,11 +266,12 @@ class Runner:
             self._error = self._error or exc
         finally:
             self._finish()
+        notes = tuple(self._notes)
         if self._error is not None:
-            return Outcome("failed", self._error)
+            return Outcome("failed", self._error, notes)
         if (self._stop_request or self._stopping) and c.done + c.done_before < c.total:
-            return Outcome("stopped")
-        return Outcome("finished")
+            return Outcome("stopped", None, notes)
+        return Outcome("finished", None, notes)
 
     def _loop(self) -> None:
         self._backend = backend = self._backend_factory(self._payload, self.store)
@@ -237,14 +280,19 @@ class Runner:
         backend.start()
         if self._stop_request:
             backend.wakeup()
+        if self.spec.save_callback is not None:
+            self._saver = Saver(self.spec.save_callback, self.store.data_path,
+                                record=self.store.record_done, wake=backend.wakeup,
+                                out_path=self.spec.out_path)
         c = self.counters
         while True:
-            if self._stop_request and (not self._stopping or (
-                    self._stop_request == "force" and not self._killed)):
-                self._begin_stop()  # also escalates a graceful stop to a forced one
+            request = self._stop_request
+            if request is not None and (self._stop_begun is None or request > self._stop_begun):
+                self._begin_stop(request)  # also escalates a stop already begun
+            self._collect_saves()
             if not self._stopping:
                 self._dispatch(backend)
-            if c.in_flight == 0 and (self._stopping or self._exhausted()):
+            if c.in_flight == 0 and (self._stopping or self._exhausted()) and self._saves_done():
                 break
             now = time.monotonic()
             if now >= self._next_check:
@@ -252,7 +300,11 @@ class Runner:
                 self.store.check_place()
             timeout = self._next_check - now
             due = self._publish_due(now)
-            for event in backend.wait(timeout if due is None else min(due, timeout)):
+            if due is not None:
+                timeout = min(timeout, due)
+            if self._saver is not None and not self._saver.idle:
+                timeout = min(timeout, PUBLISH_INTERVAL)  # its progress, and the stop budget
+            for event in backend.wait(timeout):
                 self._handle(event)
             self._publish()
 
@@ -262,18 +314,94 @@ class Runner:
     def _exhausted(self) -> bool:
         return not self._retry and not self._returned and self._source is None
 
-    def _begin_stop(self) -> None:
+    def _begin_stop(self, mode: StopMode) -> None:
+        previous, self._stop_begun = self._stop_begun, mode
         self._stopping = True
+        if mode is StopMode.FORCE and self._saver is not None:
+            self._abandon_saves()
         if self._backend is None:
             return
-        if self._stop_request == "force":
-            self._killed = True
-            for event in self._backend.kill():
-                self._handle(event)
+        if mode >= StopMode.NOW:
+            if previous is None or previous < StopMode.NOW:
+                for event in self._backend.kill():
+                    self._handle(event)
         else:
             self._backend.request_stop()
 
+    # -- saving (the saver thread calls save_callback) --------------------
+    def _collect_saves(self) -> None:
+        """Fold the saver's progress into the counters; fail the run on its error."""
+        saver = self._saver
+        if saver is None:
+            return
+        saved, cleared = saver.saved, saver.cleared
+        if saved != self._saved_seen or cleared != self._cleared_seen:
+            self.counters.done += saved - self._saved_seen
+            self.counters.failed -= cleared - self._cleared_seen
+            self._saved_seen, self._cleared_seen = saved, cleared
+            self._dirty = True
+        if saver.error is not None and self._error is None:
+            self._fail_run(saver.error)
+
+    def _unsaved(self) -> int:
+        return len(self._buf_names) + (self._saver.pending if self._saver is not None else 0)
+
+    def _saves_done(self) -> bool:
+        """At the run's end: are the saves over? Starts the last saves the first time.
+
+        A run that finishes saves everything. After a stop (or an error), once
+        the workers are done, the stop takes effect within one save_callback
+        call: no call starts that would end (at the pace of the longest call
+        so far) later than that call's time, or :data:`STOP_SAVE_SECONDS` for
+        fast callbacks, after the workers were done. Results not handed over
+        by then are not recorded done and run again on resume.
+        """
+        saver = self._saver
+        if saver is None:
+            return True
+        if self._final_since is None:
+            self._final_since = now = time.monotonic()
+            if self._buf_names and saver.error is None and self._stop_begun is not StopMode.FORCE:
+                saver.put(self._buf_names, self._buf_results)
+            self._buf_names, self._buf_results = [], []
+            if self._stopping:
+                saver.finish_by(now + max(STOP_SAVE_SECONDS, saver.longest_call))
+            saver.close()
+        if not saver.idle:
+            return False
+        self._collect_saves()
+        if saver.dropped:
+            self._note(f"{saver.dropped:,} finished items were not handed to save_callback "
+                       "before the stop took effect; they are not recorded done and run "
+                       "again on resume")
+        return True
+
+    def _abandon_saves(self) -> None:
+        saver = self._saver
+        queued = len(self._buf_names) + saver.drop_pending()
+        self._buf_names, self._buf_results = [], []
+        running = saver.abandon()
+        if running:
+            self._note(f"a save_callback call ({running:,} items) had not returned and was "
+                       "abandoned: its items are not recorded done (if it returns, it may "
+                       "have saved them anyway, and they run again on resume)")
+        if queued:
+            self._note(f"{queued:,} finished items were not handed to save_callback (stopped "
+                       "by force); they are not recorded done and run again on resume")
+
+    def _note(self, text: str) -> None:
+        self._notes.append(text)
+        log.warning("nbmplock: %s: %s", self.spec.out_path, text)
+
     # -- dispatch --------------------------------------------------------
+    def _unsaved_limit(self, workers: int) -> int:
+        """Finished results not yet saved, beyond which no new chunk is dispatched.
+
+        So a slow save_callback never lets results pile up (memory, and work a
+        stop would throw away): at most this many plus the items in flight.
+        """
+        return self.opts.save_batch + workers * self._chunk_size(workers)
+
     def _chunk_size(self, workers: int) -> int:
         unit = self.opts.batch_size or 1
         if self.opts.chunk_size:
@@ -286,12 +414,18 @@ class Runner:
             remaining = self.counters.to_do - self._dispatched
             if self._result_bytes:  # about RESULT_CHUNK_BYTES of results per chunk
                 size = min(size, int(RESULT_CHUNK_BYTES / self._result_bytes))
+            saving = self._saver.seconds_per_item if self._saver is not None else None
+            if saving:  # a chunk's results are saved in about a chunk's time too
+                size = min(size, int(target / saving))
             size = min(size, MAX_CHUNK_ITEMS, self._bytes_cap,
                        max(unit, remaining // (2 * workers)))
         return max(unit, size - size % unit)
 
     def _dispatch(self, backend) -> None:
+        saving = self._saver is not None
         while backend.free_slots() > 0:
+            if saving and self._unsaved() >= self._unsaved_limit(backend.workers):
+                return  # back-pressure: the saver wakes us when it has caught up
             span = None
             if self._retry:
                 unit = self.opts.batch_size or 1
@@ -353,7 +487,7 @@ class Runner:
         if self._error is None:
             self._error = error
         if not self._stopping:
-            self._begin_stop()
+            self._begin_stop(StopMode.GRACEFUL)
 
     def _chunk_done(self, ev: ChunkDone) -> None:
         items = ev.chunk.items
@@ -457,33 +591,19 @@ class Runner:
         """``blob``, when given, is the pickle of exactly ``results``."""
         if not names:
             return
-        if self.spec.save_callback is None:
+        saver = self._saver
+        if saver is None:
             self.counters.failed -= self.store.record_done(names, results, blob)
             self.counters.done += len(names)
             return
-        if self._callback_broken:
-            return
+        if saver.error is not None or self._stop_begun is StopMode.FORCE:
+            return  # not saved, so not done: they run again
         self._buf_names.extend(names)
         self._buf_results.extend(results)
         batch = self.opts.save_batch
         while len(self._buf_names) >= batch:
-            self._flush(batch)
-
-    def _flush(self, n: int) -> None:
-        names, results = self._buf_names[:n], self._buf_results[:n]
-        del self._buf_names[:n], self._buf_results[:n]
-        try:
-            self.spec.save_callback(self.store.data_path, results, names)
-        except BaseException as exc:
-            self._callback_broken = True
-            self._buf_names.clear()
-            self._buf_results.clear()
-            add_note(exc, f"nbmplock: raised by save_callback; these {len(names)} items are "
-                          "not recorded done and run again on resume")
-            self._fail_run(exc)
-            return
-        self.counters.failed -= self.store.record_done(names, results)
-        self.counters.done += len(names)
+            saver.put(self._buf_names[:batch], self._buf_results[:batch])
+            del self._buf_names[:batch], self._buf_results[:batch]
 
     # -- publishing ------------------------------------------------------
     def _publish_due(self, now: float) -> float | None:
@@ -509,8 +629,10 @@ class Runner:
         """Save what finished, end the workers, mark completion, commit, unlock."""
         c = self.counters
         try:
-            if self._buf_names and not self._callback_broken:
-                self._flush(len(self._buf_names))
+            if self._saver is not None and not self._saver.idle:
+                # The loop ended by an exception: do not wait for the user's callback.
+                self._abandon_saves()
+            self._collect_saves()
         finally:
             try:
                 if self._backend is not None:

@@ -11,9 +11,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._errors import InvalidArgumentsError, JobStateError
+from ._errors import InvalidArgumentsError
 from ._job import Job, RunSummary
-from ._runner import items_hash
+from ._runner import StopMode, items_hash
 from ._store import read_complete, read_contents
 from ._validate import check_items, check_out_path, positive_int
 
@@ -49,9 +49,10 @@ def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, 
         except KeyboardInterrupt:
             _stop_after_interrupt(job)
             p = job.progress
+            notes = "".join(f" Note: {note}." for note in job.notes)
             raise KeyboardInterrupt(
                 f"nbmplock: stopped by the interrupt; {p.done:,} of {p.total:,} items are "
-                f"recorded done in {job.out_path!r}. Run the same call again to resume."
+                f"recorded done in {job.out_path!r}. Run the same call again to resume.{notes}"
             ) from None
     finally:
         if bar is not None:
@@ -64,18 +65,20 @@ def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, 
 
 
 def _stop_after_interrupt(job: Job) -> None:
-    """Stop ``job`` at once, wherever the interrupt landed (even a second Ctrl-C)."""
+    """Stop ``job`` at once, wherever the interrupt landed.
+
+    The first Ctrl-C kills the workers and lets a ``save_callback`` call in
+    progress complete (the stop takes effect within about one call); a
+    second one stops by force, without waiting for ``save_callback``.
+    """
+    mode = StopMode.NOW
     while True:
         try:
-            if job.state.active:
-                try:
-                    job.stop(force=True)
-                except JobStateError:
-                    pass  # it ended between the check and the stop
+            job._stop(mode)
             job.wait()
             return
         except KeyboardInterrupt:
-            continue
+            mode = StopMode.FORCE
 
 
 def mp_lock(data_list: Sequence[str], process: Callable, save_callback: Callable | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import psutil
@@ -30,3 +31,13 @@ def no_orphans(request):
             except psutil.NoSuchProcess:
                 pass
         pytest.fail(f"child processes left behind: {names}")
+
+
+@pytest.fixture
+def default_sigint():
+    """For a test that sends SIGINT to this process: Python's KeyboardInterrupt
+    handler, which is missing when the suite was started with SIGINT ignored
+    (in the background by a non-interactive shell, as some CI runners do)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

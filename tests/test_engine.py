@@ -189,7 +189,9 @@ def _driver(tmp_path, body: str) -> subprocess.Popen:
 
 
 DRIVER = """
-    import os, sys, time, json
+    import os, signal, sys, time, json
+    # SIGINT may be inherited ignored (started in the background): set the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import nbmplock
     OUT = {out!r}
     def process(item, shared, init):

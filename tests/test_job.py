@@ -57,8 +57,7 @@ def test_stop_from_another_thread_then_resume(tmp_path, force):
 def test_illegal_calls_raise_with_a_reason(tmp_path):
     job = Job(ITEMS[:50], helpers.slow, str(tmp_path), num_procs=1,
               shared_data={"sleep": 0.01})
-    with pytest.raises(JobStateError, match="not been started"):
-        job.stop()
+    assert job.stop() is job and job.state is JobState.IDLE  # a late Stop does nothing
     job.start()
     with pytest.raises(JobStateError, match="running"):
         job.resume()
@@ -69,6 +68,8 @@ def test_illegal_calls_raise_with_a_reason(tmp_path):
     with pytest.raises(JobStateError, match="stopped; use resume"):
         job.start()
     job.resume().wait()
+    assert job.state is JobState.FINISHED
+    assert job.stop() is job and job.stop(force=True) is job
     assert job.state is JobState.FINISHED
 
 
@@ -363,3 +364,73 @@ def test_run_directory_deleted_mid_run_stops_with_a_clear_error(tmp_path, what):
     helpers.wait_job(again)
     assert again.state is JobState.FINISHED
     assert nbmplock.is_mp_lock_completed(ITEMS[:600], str(out))
+
+
+class SlowSaver(Saver):
+    """A save_callback that takes ``seconds`` per call, and hangs while ``gate`` is clear
+    from call number ``hang_from`` on."""
+
+    def __init__(self, seconds=0.0, hang_from=None):
+        super().__init__()
+        self.seconds = seconds
+        self.hang_from = hang_from
+        self.gate = threading.Event()
+        self.started = 0
+
+    def __call__(self, path, results, names):
+        self.started += 1
+        if self.hang_from is not None and self.started >= self.hang_from:
+            self.gate.wait()
+        time.sleep(self.seconds)
+        super().__call__(path, results, names)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("force", [False, True])
+def test_a_stop_does_not_wait_for_the_buffered_results_to_be_saved(tmp_path, force):
+    """Issue 12, case 2: once 'stopping' for over 60 s while done climbed to 2,020."""
+    saver = SlowSaver(0.3)
+    job = Job([f"x{i}" for i in range(2000)], helpers.echo, str(tmp_path), num_procs=2,
+              save_callback=saver, save_batch=10)
+    job.start()
+    _wait_until(lambda: job.progress.done >= 30)
+    calls_at_stop = saver.started
+    job.stop(force=force)
+    helpers.wait_job(job, 10)
+    assert job.state is JobState.STOPPED
+    # graceful: the call in progress completes, and none starts after it; force: not even that
+    assert saver.started - calls_at_stop <= (0 if force else 1)
+    done = read_contents(str(tmp_path)).done
+    assert done == set(saver.names) if not force else done <= set(saver.names)
+    assert job.progress.done == len(done) and len(done) < 2000
+    saver.seconds = 0.0
+    job.resume()
+    helpers.wait_job(job)
+    assert job.state is JobState.FINISHED
+    assert set(saver.names) == {f"x{i}" for i in range(2000)}
+
+
+@pytest.mark.timeout(60)
+def test_force_stop_abandons_a_hung_save_and_no_second_run_overlaps_it(tmp_path):
+    saver = SlowSaver(hang_from=3)
+    items = [f"h{i}" for i in range(500)]
+    job = Job(items, helpers.echo, str(tmp_path), num_procs=2, save_callback=saver,
+              save_batch=10)
+    job.start()
+    _wait_until(lambda: saver.started >= 3)
+    job.stop()
+    assert not job.wait(1.0) and job.state is JobState.STOPPING  # waits for the call
+    job.stop(force=True)
+    helpers.wait_job(job, 10)
+    assert job.state is JobState.STOPPED
+    assert any("abandoned" in note for note in job.notes), job.notes
+    assert len(read_contents(str(tmp_path)).done) == 20  # two calls returned
+    with pytest.raises(nbmplock.RunLockedError, match="that a Force stop abandoned"):
+        job.resume()  # after waiting a few seconds for it
+    saver.gate.set()  # the hung call returns: nothing is recorded for it
+    _wait_until(lambda: not [t for t in threading.enumerate() if t.name == "nbmplock-save"])
+    assert len(read_contents(str(tmp_path)).done) == 20
+    job.resume()
+    helpers.wait_job(job)
+    assert job.state is JobState.FINISHED
+    assert set(saver.names) == set(items)

@@ -183,7 +183,8 @@ def test_init_shared_save_and_a_quoted_items_expression(ip, tmp_path):
     assert ip.user_ns["mplock_job"].spec.options.save_batch == 4
 
 
-def test_ctrl_c_during_wait_stops_cleanly_and_the_cell_resumes(ip, tmp_path, caplog):
+def test_ctrl_c_during_wait_stops_cleanly_and_the_cell_resumes(ip, tmp_path, caplog,
+                                                                default_sigint):
     out = tmp_path / "run"
     ip.user_ns["items"] = [str(i) for i in range(2000)]
     ip.user_ns["cfg"] = {"gate": ip.user_ns["gate"]}

@@ -11,6 +11,8 @@ directory outside ``out_path``, one append-only file per writer:
 ``saved-r{run}.jsonl``
     one ``[item, result]`` per line, written by ``save_callback`` with one
     ``os.write`` per batch (SIGKILL keeps what the OS has);
+``save-calls-r{run}.jsonl``
+    the time (``time.time()``) at which each ``save_callback`` call started;
 ``final-r{run}.json``
     written once the call returned: its results and ``is_mp_lock_completed``;
 ``status-r{run}.json``
@@ -95,14 +97,28 @@ def process(item: str, shared: dict, init_values: dict) -> list:
 class Saver:
     """``save_callback`` writing ``[item, result]`` lines, one write per batch."""
 
-    def __init__(self, ledger: str, run: int, out_path: str):
+    def __init__(self, ledger: str, run: int, out_path: str, sleep: float = 0.0,
+                 hang_after: int | None = None):
         path = os.path.join(ledger, f"saved-r{run:04d}.jsonl")
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        calls = os.path.join(ledger, f"save-calls-r{run:04d}.jsonl")
+        self.calls_fd = os.open(calls, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                                0o644)
         self.expected_path = os.path.join(out_path, "data")
         self.busy = threading.Lock()
         self.violations: list[str] = []
+        self.sleep = sleep
+        self.hang_after = hang_after
+        self.n_calls = 0
 
     def __call__(self, output_filepath: str, data_results: list, data_names: list) -> None:
+        # when each call starts (time.time()), for tests of how fast a stop takes effect
+        _append(self.calls_fd, json.dumps(time.time()) + "\n")
+        self.n_calls += 1
+        if self.hang_after is not None and self.n_calls > self.hang_after:
+            threading.Event().wait()  # a save that never returns
+        if self.sleep:
+            time.sleep(self.sleep)
         if not self.busy.acquire(blocking=False):
             self.violations.append("save_callback called concurrently")
         try:
@@ -146,6 +162,12 @@ def _slow_child_start(seconds: float) -> None:
 
 
 def main(cfg: dict) -> int:
+    import signal
+
+    # Started from a non-interactive shell in the background (``cmd &``, some CI
+    # runners), a process inherits SIGINT ignored and Python installs no
+    # KeyboardInterrupt handler: the Ctrl-C tests need the default one.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import nbmplock
 
     if cfg.get("child_start_delay"):
@@ -156,7 +178,7 @@ def main(cfg: dict) -> int:
     ledger, run, out = cfg["ledger"], cfg["run"], cfg["out"]
     items = make_items(cfg["n_items"], cfg.get("tag", "i"))
     shared = {"ledger": ledger, "run": run, "work_ms": cfg.get("work_ms", [0.5, 2.0])}
-    save = Saver(ledger, run, out)
+    save = Saver(ledger, run, out, cfg.get("save_sleep", 0.0), cfg.get("save_hang_after"))
     options = {k: cfg[k] for k in ("chunk_size", "errors", "max_retries", "item_timeout",
                                    "start_method") if cfg.get(k) is not None}
     api = {"lock": nbmplock.mp_lock, "value": nbmplock.mp_lock_value}[cfg.get("api", "lock")]

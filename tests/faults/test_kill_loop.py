@@ -10,7 +10,8 @@ a phase finally completes checks the promise of PRODUCT.md "Resume":
   before (an item is recorded done only after its result was saved);
 * no item recorded done is processed (or saved) again by a later run;
 * items processed twice are only items in flight at a kill, and the number in
-  flight at any kill is at most ``workers * PREFETCH * chunk_size + save_batch``;
+  flight at any kill is at most ``workers * PREFETCH * chunk_size + save_batch +
+  workers * chunk_size`` (dispatched, plus finished but not yet saved);
 * every item is saved at least once with the right result, ``is_mp_lock_completed``
   is true, and ``mp_lock_value`` returns exactly the expected ordered list.
 """
@@ -44,7 +45,11 @@ PHASES = [
 
 
 def in_flight_bound(phase: dict) -> int:
-    return phase["workers"] * _engine.PREFETCH * phase["chunk_size"] + phase["save_batch"]
+    """Items dispatched (PREFETCH chunks per worker) plus finished results not yet
+    saved, which the runner keeps below its unsaved limit (save_batch plus a
+    chunk per worker) before it dispatches more."""
+    workers, chunk = phase["workers"], phase["chunk_size"]
+    return workers * _engine.PREFETCH * chunk + phase["save_batch"] + workers * chunk
 
 
 def _kill_delay(rng) -> float:

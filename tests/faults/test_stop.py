@@ -3,7 +3,7 @@
 * ``Job.stop()`` / ``Job.stop(force=True)`` from another thread while the job
   runs: the job ends (no hang), no worker outlives it (checked by pid), the
   done-set is exactly what ``save_callback`` received, a graceful stop runs no
-  item twice, a forced one only items in flight, and ``resume()`` completes
+  item twice, a forced one only items in flight or not yet saved, and ``resume()`` completes
   with every item saved exactly once.
 * SIGINT to a script running ``mp_lock`` (the script user's Ctrl-C): it exits
   with ``KeyboardInterrupt`` within seconds, its workers are gone, the done-set
@@ -115,8 +115,8 @@ def test_job_stop_from_another_thread_at_random_instants(tmp_path, rng, mode):
         in_flight = set(ran) - done
         if mode == "graceful":
             assert not in_flight, f"graceful stop lost finished items: {sorted(in_flight)[:5]}"
-        else:
-            assert len(in_flight) <= workers * _engine.PREFETCH * chunk
+        else:  # dispatched, plus finished results not yet saved (the runner's unsaved limit)
+            assert len(in_flight) <= workers * _engine.PREFETCH * chunk + batch + workers * chunk
 
         shared["run"] = 1
         job.resume()
@@ -258,3 +258,105 @@ def test_interrupt_while_the_bar_is_first_drawn(tmp_path, monkeypatch):
         while time.monotonic() < deadline and any(
                 t.name.startswith("nbmplock-") for t in threading.enumerate()):
             time.sleep(0.1)
+
+
+# -- a stop takes effect within one save_callback call (issue 12, case 2) -------
+
+def _save_calls(ledger_dir, run: int) -> list[float]:
+    path = ledger_dir / f"save-calls-r{run:04d}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _wait_for_calls(ledger_dir, run: int, n: int, proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_save_calls(ledger_dir, run)) < n:
+        if proc.wait(0.02) is not None:
+            pytest.fail(f"the driver ended before {n} save calls: {proc.stderr()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {n} save calls after {timeout} s")
+
+
+def _check_done_is_saved_and_resume(ledger_dir, out, cfg, runs: int, items) -> None:
+    led = Ledger(ledger_dir)
+    done = set(_store.read_contents(str(out)).done)
+    saved = set().union(*(set(led.saved[r]) for r in range(runs)))
+    assert done <= saved, "an item is recorded done that save_callback did not get"
+    proc = Driver(dict(cfg, run=runs, save_sleep=0.0, save_hang_after=None), ledger_dir)
+    try:
+        proc.wait_ready()
+        assert proc.finish(timeout=120) == 0, proc.stderr()
+    finally:
+        proc.close()
+    led = Ledger(ledger_dir)
+    assert led.final(runs)["completed"] is True
+    assert set(led.all_saved()) == set(items)
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_with_a_slow_save_takes_effect_within_one_save_call(tmp_path):
+    """Once: 67 s and 134 more save calls after Ctrl-C with a 0.5 s save_callback."""
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir()
+    out = tmp_path / "out"
+    items = driver.make_items(2000, "s")
+    cfg = dict(out=str(out), ledger=str(ledger_dir), n_items=len(items), tag="s",
+               workers=2, save_batch=10, work_ms=[0.01, 0.02], save_sleep=0.5)
+    proc = Driver(dict(cfg, run=0), ledger_dir)
+    try:
+        proc.wait_ready()
+        _wait_for_calls(ledger_dir, 0, 3, proc)
+        pids = descendants(proc.pid)
+        sent_at, sent = time.time(), time.monotonic()
+        proc.signal(signal.SIGINT)
+        rc = proc.finish(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        proc.close()
+    err = proc.stderr()
+    assert rc != 0 and "stopped by the interrupt" in err, err
+    started_after = [t for t in _save_calls(ledger_dir, 0) if t > sent_at]
+    assert len(started_after) <= 1, (
+        f"{len(started_after)} save calls started after Ctrl-C; a stop takes effect within "
+        "the call in progress (one more only when none was running)")
+    assert took < 10, f"Ctrl-C took {took:.1f} s with a 0.5 s save_callback"
+    assert wait_gone(pids, timeout=5) == []
+    _check_done_is_saved_and_resume(ledger_dir, out, cfg, 1, items)
+    FIGURES.add("interrupts")
+    FIGURES.add("stops_within_one_save")
+    FIGURES.add("stops_with_slow_save")
+
+
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_abandons_a_save_that_never_returns(tmp_path):
+    """Once: three Ctrl-Cs were swallowed and only SIGTERM ended the script."""
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir()
+    out = tmp_path / "out"
+    items = driver.make_items(2000, "h")
+    cfg = dict(out=str(out), ledger=str(ledger_dir), n_items=len(items), tag="h",
+               workers=2, save_batch=10, work_ms=[0.01, 0.02], save_hang_after=3)
+    proc = Driver(dict(cfg, run=0), ledger_dir)
+    try:
+        proc.wait_ready()
+        _wait_for_calls(ledger_dir, 0, 4, proc)  # the 4th call hangs
+        pids = descendants(proc.pid)
+        proc.signal(signal.SIGINT)
+        assert proc.wait(1.0) is None, "the first Ctrl-C waits for the save in progress"
+        sent = time.monotonic()
+        proc.signal(signal.SIGINT)
+        rc = proc.finish(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        proc.close()
+    err = proc.stderr()
+    assert rc != 0 and "KeyboardInterrupt" in err, err
+    assert "abandoned" in err, err
+    assert took < 10, f"the second Ctrl-C took {took:.1f} s"
+    assert wait_gone(pids, timeout=5) == []
+    assert nbmplock.read_snapshot(str(out)).holder_pid is None
+    _check_done_is_saved_and_resume(ledger_dir, out, cfg, 1, items)
+    FIGURES.add("interrupts", 2)
+    FIGURES.add("stops_within_one_save")
+    FIGURES.add("stops_with_hung_save")

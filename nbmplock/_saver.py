@@ -1,0 +1,226 @@
+"""Calling ``save_callback``: in a thread of its own, so that no stop waits for it.
+
+The manager thread (:mod:`nbmplock._runner`) cuts results into batches of
+``save_batch`` and puts them here. The saver thread hands each batch to
+``save_callback``, in order and never two at once, and records the batch done
+in the run store as soon as the call returned: an item is done only after its
+result was saved. The manager is therefore never blocked by the user's
+callback: a Stop is seen while a slow save runs, a Force stop leaves a hung
+save behind, and the workers keep computing meanwhile (up to the bound on
+unsaved results that the runner applies).
+
+The handshake: one lock with one condition, ``_cond``, over every field below.
+
+``_todo``
+    Batches not yet handed to ``save_callback``. The manager appends, the
+    saver pops.
+``_closed``
+    No more batches come; the saver returns once ``_todo`` is empty.
+``_abandoned``
+    The manager left without waiting (Force stop, an error): the saver drops
+    ``_todo``, records nothing more, and returns after its call, if that ever
+    returns. Recording happens under ``_cond``, so once :meth:`abandon`
+    returned the store is never written by this thread again.
+``_busy``
+    The saver is inside ``save_callback`` (or recording its batch).
+``_deadline``
+    Set by a stop: no call starts that would, at the pace of the longest
+    call so far, end after it; the batches left are dropped (:attr:`dropped`).
+
+The saver waits only in ``while not (_todo or _closed or _abandoned):
+wait()``, and every change of those fields is made under ``_cond`` followed by
+``notify``: no wake-up is lost. The manager never waits on ``_cond``: it
+waits in its backend's ``wait``, which ``wake`` interrupts through a pipe
+(a byte written stays readable until the next wait drains it). The saver
+calls ``wake`` after it updated the fields under ``_cond``, whenever it went
+idle or hit an error; the manager reads the fields after every wait. So the
+manager cannot miss the saver going idle. Progress while the saver works is
+read by the manager at its publish interval, without a wake-up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from ._errors import add_note
+
+#: Saves that never returned, by run directory: a new run on that directory
+#: would call save_callback while the old call may still be running.
+_abandoned_calls: dict[str, threading.Thread] = {}
+_abandoned_lock = threading.Lock()
+
+
+def abandoned_call(out_path: str, wait: float = 0.0) -> threading.Thread | None:
+    """The thread of a save_callback call on ``out_path`` abandoned and still running.
+
+    Waits up to ``wait`` seconds for it to end (polling: ``Thread.join`` is not
+    safe against Ctrl-C in the caller's thread on Python 3.11).
+    """
+    with _abandoned_lock:
+        thread = _abandoned_calls.get(out_path)
+    deadline = time.monotonic() + wait
+    while thread is not None and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if thread is not None and not thread.is_alive():
+        with _abandoned_lock:
+            if _abandoned_calls.get(out_path) is thread:
+                del _abandoned_calls[out_path]
+        thread = None
+    return thread
+
+
+class Saver:
+    """The thread that calls ``save_callback(data_path, results, names)``.
+
+    ``record(names, results)`` writes the done record; ``wake()`` interrupts
+    the manager's wait. Counters read by the manager: :attr:`saved` (items
+    recorded done) and :attr:`cleared` (of them, items that had a failure
+    recorded), written only by the saver thread.
+    """
+
+    def __init__(self, callback: Callable, data_path: str, *,
+                 record: Callable[[list, list], int], wake: Callable[[], None],
+                 out_path: str):
+        self._callback = callback
+        self._data_path = data_path
+        self._record = record
+        self._wake = wake
+        self._out_path = out_path
+        self._cond = threading.Condition(threading.Lock())
+        self._todo: deque[tuple[list, list]] = deque()
+        self._todo_items = 0
+        self._closed = False
+        self._abandoned = False
+        self._busy = 0  # items in the call being made
+        self._deadline: float | None = None
+        self.dropped = 0
+        self.saved = 0
+        self.cleared = 0
+        self.error: BaseException | None = None
+        self.longest_call = 0.0
+        self.seconds_per_item: float | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- the manager's side ----------------------------------------------
+    def put(self, names: list, results: list) -> None:
+        with self._cond:
+            if self._closed or self._abandoned or self.error is not None:
+                return
+            self._todo.append((names, results))
+            self._todo_items += len(names)
+            self._cond.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True,
+                                            name="nbmplock-save")
+            self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Items handed over and not yet recorded done (queued or in the call)."""
+        with self._cond:
+            return self._todo_items + self._busy
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no call running (or the saver was abandoned)."""
+        with self._cond:
+            return self._abandoned or (not self._todo and not self._busy)
+
+    def finish_by(self, deadline: float) -> None:
+        """A stop: start no call that would end after ``deadline`` (time.monotonic)."""
+        with self._cond:
+            self._deadline = deadline
+            self._cond.notify()
+
+    def drop_pending(self) -> int:
+        """Forget the batches not yet handed to save_callback; returns their items."""
+        with self._cond:
+            dropped = self._todo_items
+            self._todo.clear()
+            self._todo_items = 0
+            return dropped
+
+    def close(self) -> None:
+        """No more batches: the thread returns once it has saved what it holds."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def abandon(self) -> int:
+        """Leave now: drop what is queued; a call in progress records nothing.
+
+        Returns how many items were in the call that is left running (0 when
+        none was): those are not recorded done.
+        """
+        with self._cond:
+            self._abandoned = True
+            self._todo.clear()
+            self._todo_items = 0
+            busy = self._busy
+            self._cond.notify()
+        thread = self._thread
+        if busy and thread is not None and thread.is_alive():
+            with _abandoned_lock:
+                _abandoned_calls[self._out_path] = thread
+        return busy
+
+    # -- the saver thread ------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while self._save_one():
+                pass
+        except BaseException as exc:  # noqa: BLE001 - e.g. the store's write failed
+            with self._cond:
+                if self.error is None:
+                    self.error = exc
+                self._fail_locked()
+        finally:
+            self._wake()  # the manager sees this thread idle (or failed) at once
+
+    def _fail_locked(self) -> None:
+        self._busy = 0
+        self._todo.clear()
+        self._todo_items = 0
+
+    def _save_one(self) -> bool:
+        """Save and record one batch; False when the thread should return."""
+        cond = self._cond
+        with cond:
+            while not (self._todo or self._closed or self._abandoned):
+                cond.wait()  # put(), close() or abandon() notifies
+            if self._abandoned or not self._todo:
+                return False  # abandoned, or closed with nothing left
+            if (self._deadline is not None
+                    and time.monotonic() + self.longest_call > self._deadline):
+                self.dropped += self._todo_items  # a stop: not saved, so not done
+                self._todo.clear()
+                self._todo_items = 0
+                return False
+            names, results = self._todo.popleft()
+            self._todo_items -= len(names)
+            self._busy = len(names)
+        started = time.monotonic()
+        try:
+            self._callback(self._data_path, results, names)
+        except BaseException as exc:  # noqa: BLE001 - the run fails with it
+            add_note(exc, f"nbmplock: raised by save_callback; these {len(names)} items "
+                          "are not recorded done and run again on resume")
+            raise
+        seconds = time.monotonic() - started
+        with cond:
+            if self._abandoned:
+                return False  # a Force stop left: this batch is not recorded
+            self.cleared += self._record(names, results)
+            self.saved += len(names)
+            self._busy = 0
+            self.longest_call = max(self.longest_call, seconds)
+            per_item = seconds / len(names)
+            self.seconds_per_item = per_item if self.seconds_per_item is None else (
+                0.5 * per_item + 0.5 * self.seconds_per_item)
+            went_idle = not self._todo
+        if went_idle:
+            self._wake()
+        return True
