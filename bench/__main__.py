@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -12,16 +13,16 @@ from typing import Optional, Sequence
 
 from .analysis import summarise
 from .cases import WORKLOADS, WORKLOADS_BY_KEY, Settings, WorkloadSpec
-from .harness import Sample, run_workload
+from .harness import run_workload
 from .loadmeter import foreign_share, read_cpu
+from .records import Sample
 from .report import environment, table_lines, write_all
 from .workloads import FULL_SIZES, QUICK_SIZES, calibrate_loops_per_ms
-
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark nbmplock against its peers.")
-    parser.add_argument("--quick", action="store_true", help="scaled-down sizes, ~2 minutes")
+    parser.add_argument("--quick", action="store_true", help="scaled-down sizes, a few minutes")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--repeats", type=int, help="runs per library (default 5, or 3 with --quick)")
     parser.add_argument("--only", help="comma-separated workloads to run, e.g. W1,W3 (default all)")
@@ -58,6 +59,13 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass
 class SuiteRun:
     """Everything one run of the suite collected."""
@@ -69,28 +77,22 @@ class SuiteRun:
     interrupted: bool = False
 
 
-def run_suite(workloads: Sequence[WorkloadSpec], settings: Settings, repeats: int) -> SuiteRun:
-    """Run *workloads* one after the other; Ctrl-C stops early but keeps what was measured."""
-    suite = SuiteRun()
-    try:
-        for spec in workloads:
-            log(f"== {spec.key} {spec.title} ==")
-            before = read_cpu()
-            cases = spec.build(settings)
-            suite.notes.update({(c.workload, c.library): c.note for c in cases})
-            run_workload(cases, repeats, settings.timeout, suite.samples.append, log)
-            del cases
-            after = read_cpu()
-            share = foreign_share(before, after)
-            suite.foreign_cpu[spec.key] = share
-            if before and after:
-                suite.workload_seconds[spec.key] = after.wall - before.wall
-                busy = "" if share is None else f"; other processes used {share:.0%} of the CPUs"
-                log(f"   {spec.key} took {after.wall - before.wall:.0f} s{busy}")
-    except KeyboardInterrupt:
-        suite.interrupted = True
-        log("interrupted: writing partial results")
-    return suite
+def run_suite(workloads: Sequence[WorkloadSpec], settings: Settings, repeats: int, suite: SuiteRun) -> None:
+    """Run *workloads* one after the other into *suite*."""
+    for spec in workloads:
+        log(f"== {spec.key} {spec.title} ==")
+        before = read_cpu()
+        cases = spec.build(settings)
+        suite.notes.update({(c.workload, c.library): c.note for c in cases})
+        run_workload(cases, repeats, settings.timeout, suite.samples.append, log)
+        del cases
+        after = read_cpu()
+        share = foreign_share(before, after)
+        suite.foreign_cpu[spec.key] = share
+        if before and after:
+            suite.workload_seconds[spec.key] = after.wall - before.wall
+            busy = "" if share is None else f"; other processes used {share:.0%} of the CPUs"
+            log(f"   {spec.key} took {after.wall - before.wall:.0f} s{busy}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -100,11 +102,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     timeout = args.timeout if args.timeout is not None else (300.0 if args.quick else 1800.0)
     started = time.perf_counter()
+    if args.workers > usable_cores():
+        log(f"note: {args.workers} workers on {usable_cores()} usable cores; speedups will be capped")
 
-    log("calibrating the busy loop ...")
-    settings = Settings(sizes, args.workers, calibrate_loops_per_ms(), args.scratch, timeout or None)
-    log(f"  {settings.loops_per_ms:,.0f} loops per ms")
-    suite = run_suite(args.workloads, settings, repeats)
+    suite = SuiteRun()
+    settings = None
+    try:
+        log("calibrating the busy loop ...")
+        settings = Settings(sizes, args.workers, calibrate_loops_per_ms(), args.scratch, timeout or None)
+        log(f"  {settings.loops_per_ms:,.0f} loops per ms")
+        run_suite(args.workloads, settings, repeats, suite)
+    except KeyboardInterrupt:
+        suite.interrupted = True
+        log("interrupted: writing partial results")
 
     meta = {
         "environment": environment(),
@@ -115,14 +125,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "sizes": vars(sizes),
         "sizes_text": sizes.describe(),
         "full_sizes_text": FULL_SIZES.describe(),
-        "loops_per_ms": settings.loops_per_ms,
-        "timeout_seconds": settings.timeout,
+        "loops_per_ms": settings.loops_per_ms if settings else None,
+        "timeout_seconds": settings.timeout if settings else None,
         "elapsed_seconds": time.perf_counter() - started,
         "workload_seconds": suite.workload_seconds,
         "foreign_cpu": suite.foreign_cpu,
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "interrupted": suite.interrupted,
     }
-    rows = summarise(suite.samples, args.workers, order=list(suite.notes))
+    rows = summarise(suite.samples, args.workers, order=list(suite.notes), cores=usable_cores())
     paths = write_all(args.out, meta, rows, suite.samples, suite.notes)
     log("")
     log("\n".join(table_lines(rows, suite.notes)))
