@@ -2,8 +2,8 @@
 
 Run it from the repository root::
 
-    python -m bench --quick          # scaled-down sizes
-    python -m bench                  # full run
+    python -m bench                  # full run: everything under bench/results/
+    python -m bench --quick          # scaled-down sizes, into bench/results/quick/
     python -m bench --only W1,W3 --workers 4 --repeats 7
 
 Modules, each importing only modules above it in this list (no circles):
@@ -27,6 +27,6 @@ Modules, each importing only modules above it in this list (no circles):
 * :mod:`bench.analysis` -- medians, spreads, ratios and target checks.
 * :mod:`bench.report` -- the Markdown table, JSON dump and PNG chart.
 * :mod:`bench.w2_anatomy`, :mod:`bench.dask_bench`, :mod:`bench.store_choice`
-  -- studies with a report of their own.
+  -- studies with a report of their own, also runnable alone.
 * :mod:`bench.__main__` -- the command line.
 """

@@ -2,6 +2,7 @@
 
 ``python -m bench.dask_bench [--quick] [--repeats N] [--workers N] [--out FILE]`` from the
 repository root; the table is printed and written to ``bench/results/dask.md``.
+(``python -m bench`` runs it too, as its ``DASK`` study, when ``distributed`` is installed.)
 
 For W1 (trivial items), W2 (~10 ms pure-Python CPU per item) and W4 (skewed:
 the first 10% of items 50 ms, the rest 1 ms), at the sizes of ``python -m bench``,
@@ -220,6 +221,24 @@ def measure(quick: bool, repeats: int, workers: int) -> str:
         shutil.rmtree(root, ignore_errors=True)
     return report(workloads, timings, serial, load, loops_per_ms, repeats, workers,
                   time.monotonic() - started, distributed.__version__)
+
+
+def distributed_problem() -> Optional[str]:
+    """Why the Dask study cannot run here, or ``None``."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        return f"distributed is not installed ({exc}); pip install nbmplock[dask]"
+    return None
+
+
+def regenerate(out_dir: Path, *, quick: bool, workers: int, repeats: Optional[int]) -> Path:
+    """Write ``dask.md`` into *out_dir* (``python -m bench``'s DASK study)."""
+    text = measure(quick, repeats or 3, workers)
+    path = out_dir / RESULTS.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
