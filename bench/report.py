@@ -177,7 +177,7 @@ def details_cell(row: Summary, note: str) -> str:
             f"peak RSS {fmt_bytes(d['peak_rss'])}, list {fmt_bytes(d['list_bytes'])}, "
             f"before list {fmt_bytes(d['baseline_rss'])}"
         )
-    if note:
+    if note and row.state != SKIPPED:
         parts.append(note)
     if row.note:
         text = row.note if len(row.note) <= 200 else row.note[:197] + "..."
