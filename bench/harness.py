@@ -5,7 +5,9 @@ all libraries alike; the order is also shuffled each repeat (seeded by the
 repeat number, so runs are reproducible) so that no library always runs
 first, nor always right after the same other library.  A failing library
 never aborts the suite: its error is recorded as a sample and its remaining
-repeats are skipped.
+repeats are skipped.  A run that did not deliver every item exactly once
+(:class:`~bench.records.ResultMismatch`) is recorded as ``failed``, without
+its time.
 """
 
 from __future__ import annotations
@@ -15,31 +17,14 @@ import random
 import signal
 import threading
 import traceback
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 from .cases import Case
+from .records import ERROR, FAILED, OK, SKIPPED, ResultMismatch, Sample
 
 #: Where samples and progress lines go.
 Record = Callable[["Sample"], None]
 Log = Callable[[str], None]
-
-
-@dataclass
-class Sample:
-    """One attempted run (or a skip / setup failure, with ``repeat == -1``)."""
-
-    workload: str
-    library: str
-    role: str
-    repeat: int
-    status: str  # "ok", "error" or "skipped"
-    n_items: int = 0
-    seconds: Optional[float] = None
-    delivered: Optional[int] = None
-    extra: dict = field(default_factory=dict)
-    error: Optional[str] = None
-    traceback: Optional[str] = None
 
 
 class RunTimeout(Exception):
@@ -91,25 +76,29 @@ def _sample(case: Case, repeat: int, status: str, **fields) -> Sample:
     return Sample(case.workload, case.library, case.role, repeat, status, case.n_items, **fields)
 
 
+def _failure(case: Case, repeat: int, exc: Exception, prefix: str = "") -> Sample:
+    reap_children()
+    status = FAILED if isinstance(exc, ResultMismatch) else ERROR
+    return _sample(case, repeat, status, error=prefix + describe_error(exc), traceback=traceback.format_exc())
+
+
 def run_once(case: Case, repeat: int, timeout: Optional[float]) -> Sample:
     """One measured run of *case*, never raising (except KeyboardInterrupt)."""
     try:
         with deadline(timeout):
             m = case.run()
     except Exception as exc:
-        reap_children()
-        return _sample(case, repeat, "error", error=describe_error(exc), traceback=traceback.format_exc())
-    return _sample(case, repeat, "ok", seconds=m.seconds, delivered=m.delivered, extra=m.extra)
+        return _failure(case, repeat, exc)
+    return _sample(case, repeat, OK, seconds=m.seconds, parent_cpu=m.parent_cpu, extra=m.extra)
 
 
 def setup_case(case: Case, timeout: Optional[float]) -> Optional[Sample]:
-    """Run ``case.setup()``; return an error sample if it failed."""
+    """Run ``case.setup()``; return a failure sample if it failed."""
     try:
         with deadline(timeout):
             case.setup()
     except Exception as exc:
-        reap_children()
-        return _sample(case, -1, "error", error="setup: " + describe_error(exc), traceback=traceback.format_exc())
+        return _failure(case, -1, exc, prefix="setup: ")
     return None
 
 
@@ -121,9 +110,10 @@ def shuffled(cases: Sequence[Case], repeat: int) -> list[Case]:
 def format_sample(sample: Sample, repeats: int) -> str:
     """A progress line for *sample*."""
     where = f"[{sample.workload} {sample.repeat + 1}/{repeats}]" if sample.repeat >= 0 else f"[{sample.workload}]"
-    if sample.status == "ok":
-        return f"{where:<11} {sample.library:<48} {sample.seconds:9.3f} s"
-    return f"{where:<11} {sample.library:<48} {sample.status.upper()}: {sample.error}"
+    if sample.status == OK:
+        cpu = "" if sample.parent_cpu is None else f"  parent CPU {sample.parent_cpu:7.3f} s"
+        return f"{where:<11} {sample.library:<56} {sample.seconds:9.3f} s{cpu}"
+    return f"{where:<11} {sample.library:<56} {sample.status.upper()}: {sample.error}"
 
 
 def run_workload(
@@ -138,7 +128,7 @@ def run_workload(
     for case in cases:
         problem = case.problem()
         if problem:
-            skip = _sample(case, -1, "skipped", error=problem)
+            skip = _sample(case, -1, SKIPPED, error=problem)
             record(skip)
             log(format_sample(skip, repeats))
         else:
@@ -162,7 +152,7 @@ def run_workload(
                 sample = run_once(case, repeat, timeout)
                 record(sample)
                 log(format_sample(sample, repeats))
-                if sample.status != "ok":
+                if sample.status != OK:
                     failed.add(id(case))
     finally:
         for case in available:

@@ -4,8 +4,11 @@ The parent side (:func:`measure`) starts ``python -m bench.memprobe`` once per
 measurement.  The child imports the library, builds the item list itself,
 runs the map over it with a trivial function and prints one JSON line with
 its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which does not
-include the worker processes) and the size of the list
-(``sys.getsizeof(list)`` plus ``sys.getsizeof`` of every string).
+include the worker processes), the size of the list
+(``sys.getsizeof(list)`` plus ``sys.getsizeof`` of every string) and its own
+CPU time over the map.  The results are folded into a :class:`~bench.delivery.Tally`
+(keeping them would change the peak) and checked, after the peak was read,
+like every other run's: a mismatch exits non-zero.
 
 Linux carries ``ru_maxrss`` over ``execve``: a process exec'd from the big
 benchmark process starts out reporting the benchmark's own peak.  So the
@@ -26,9 +29,11 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .nbm import run_mp_lock
-from .peers import run_multiprocess_chunked
-from .workloads import LENGTH_TASK, label_items
+from . import delivery
+from .nbm import MP_LOCK
+from .peers import MULTIPROCESS_CHUNKED
+from .records import ResultMismatch, Runner
+from .workloads import NUMBER_TASK, label_items
 
 #: Root of the repository (the directory holding the ``bench`` package).
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,35 +50,38 @@ def list_bytes(items: Sequence[str]) -> int:
     return sys.getsizeof(items) + sum(sys.getsizeof(s) for s in items)
 
 
-def _probe_mp_lock(items: list[str], workers: int, scratch: Path) -> None:
-    run_mp_lock(LENGTH_TASK, items, workers, scratch)
-
-
-def _probe_multiprocess(items: list[str], workers: int, scratch: Path) -> None:
-    run_multiprocess_chunked(LENGTH_TASK, items, workers, scratch)
-
-
-#: Probe name -> (module imported before the baseline, map call).
-PROBES: dict[str, tuple[str, Callable[[list[str], int, Path], None]]] = {
-    "mp_lock": ("nbmplock", _probe_mp_lock),
-    "multiprocess": ("multiprocess", _probe_multiprocess),
+#: Probe name -> (module imported before the baseline, runner).
+PROBES: dict[str, tuple[str, Runner]] = {
+    "mp_lock": ("nbmplock", MP_LOCK),
+    "multiprocess": ("multiprocess", MULTIPROCESS_CHUNKED),
 }
 
 
 def probe(name: str, n_items: int, workers: int, scratch: Path) -> dict:
     """Run one probe in this process and return its measurements."""
-    module, call = PROBES[name]
+    module, runner = PROBES[name]
     __import__(module)
     baseline = peak_rss_bytes()
     items = label_items(n_items)
     size = list_bytes(items)
     after_list = peak_rss_bytes()
-    start = time.perf_counter()
-    call(items, workers, scratch)
-    seconds = time.perf_counter() - start
+    tally = delivery.Tally()
+    start, cpu = time.perf_counter(), time.process_time()
+    outcome = runner.run(NUMBER_TASK, items, workers, scratch, tally)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    peak = peak_rss_bytes()
+    try:
+        if outcome is not None and outcome.counted is not None:
+            checked = delivery.check_counts(outcome.counted, len(items), 0)
+        else:
+            checked = delivery.check_tally(tally, NUMBER_TASK, items)
+    except ResultMismatch as exc:
+        return {"mismatch": str(exc)}
     return {
+        "delivery": checked,
         "seconds": seconds,
-        "peak_rss": peak_rss_bytes(),
+        "parent_cpu": cpu,
+        "peak_rss": peak,
         "list_bytes": size,
         "baseline_rss": baseline,
         "after_list_rss": after_list,
@@ -93,7 +101,10 @@ def measure(name: str, n_items: int, workers: int, scratch: Path, timeout: float
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
         raise RuntimeError(f"memory probe exited with {done.returncode}: " + " | ".join(tail))
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if "mismatch" in result:
+        raise ResultMismatch(result["mismatch"])
+    return result
 
 
 def in_fork(fn: Callable[[], dict]) -> dict:

@@ -1,26 +1,39 @@
 """Runners for nbmplock, coded against its public API.
 
-* ``nbmplock.mp_lock(items, fn, save_callback_or_None, workers, out_path, verbose=False)``
-* ``nbmplock.mp_lock_value(...)`` -- same arguments, returns the results in order
-* ``nbmplock.Job(items, fn, out_path=..., num_procs=workers, errors="raise")`` driven
-  with a headless ``nbmplock._panel.Panel(job)``
+* ``nbmplock.mp_lock_value(items, fn, None, workers, out_path, verbose=False)``:
+  the results come back, as every peer's do: the like-for-like row;
+* ``nbmplock.mp_lock(items, fn, save_callback, ...)`` with a ``save_callback``
+  that receives every result;
+* ``nbmplock.mp_lock(items, fn, None, ...)``: no results come back (a real
+  use: the function saves its own output); its delivery is checked against
+  the counts nbmplock reports;
+* ``nbmplock.Job(items, fn, out_path=..., num_procs=workers, keep_results=False)``
+  driven with a headless ``nbmplock._panel.Panel(job)``, like the bare
+  ``mp_lock`` (no results back).
 
-The runners share the peers' signature ``run(task, items, workers, scratch)``;
-*scratch* is the fresh empty directory used as ``out_path`` (nbmplock resumes
-from it, so a reused one would skip the work).
+The runners share the peers' signature ``run(task, items, workers, scratch,
+receiver)``; *scratch* is the fresh empty directory used as ``out_path``
+(nbmplock resumes from it, so a reused one would skip the work).  Items that
+are not ``str`` (and ``key=``) are new in nbmplock; :func:`items_problem`
+says whether the installed version takes them.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .peers import Runner
-from .workloads import Task
+from .delivery import Receiver
+from .records import Counted, OneOff, Outcome, Runner
+from .workloads import INT_NUMBER_TASK, NUMBER_TASK, RECORD_NUMBER_TASK, Task
+
+#: How a row reads when the installed nbmplock refuses its items.
+NOT_SUPPORTED = "not supported by this nbmplock version"
 
 
 def nbmplock_problem(*attributes: str) -> Optional[str]:
@@ -49,100 +62,131 @@ def panel_problem() -> Optional[str]:
     return None
 
 
-def payload_bytes(results) -> int:
-    """Total length of the bytes objects found in *results*, however nested."""
-    if isinstance(results, (bytes, bytearray, memoryview)):
-        return len(results)
-    if isinstance(results, str):
-        return 0
-    if isinstance(results, Mapping):
-        return payload_bytes(results.values())
-    if isinstance(results, Iterable):
-        return sum(payload_bytes(r) for r in results)
-    return 0
+#: Sample items per task label, for :func:`items_problem`.
+_PROBES: dict[str, tuple[Task, list]] = {
+    INT_NUMBER_TASK.label: (INT_NUMBER_TASK, [0, 1]),
+    RECORD_NUMBER_TASK.label: (RECORD_NUMBER_TASK, [{"id": "a", "n": 0}, {"id": "b", "n": 1}]),
+}
 
 
-class ByteCounter:
-    """``save_callback`` for W3 that only counts the bytes it is handed."""
+@functools.lru_cache(maxsize=None)
+def items_problem(label: str) -> Optional[str]:
+    """Why nbmplock cannot run the items of *label* (e.g. ``"int items"``), or ``None``.
 
-    def __init__(self) -> None:
-        self.total = 0
+    Asks nbmplock itself: one ``mp_lock_value`` call over two such items
+    with one worker, in a throw-away directory.  An ``InvalidArgumentsError``
+    means this version refuses them (today: items must be ``str``, and there
+    is no ``key=``).
+    """
+    problem = nbmplock_problem("mp_lock_value")
+    if problem or label not in _PROBES:
+        return problem
+    import nbmplock
 
-    def __call__(self, output_filepath, results, names) -> None:
-        self.total += payload_bytes(results)
+    task, items = _PROBES[label]
+    scratch = tempfile.mkdtemp(prefix="nbmplock-bench-probe-")
+    try:
+        results = nbmplock.mp_lock_value(items, task.nbm, None, 1, scratch, verbose=False,
+                                         **task.nbm_options)
+    except nbmplock.InvalidArgumentsError as exc:
+        return f"{NOT_SUPPORTED} (InvalidArgumentsError: {exc})"
+    except Exception as exc:
+        return f"probe with {label} failed ({type(exc).__name__}: {exc})"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if list(results) != [0, 1]:
+        return f"probe with {label} returned {results!r}, expected [0, 1]"
+    return None
+
+
+def runner_check(entry_point: str, task: Task = NUMBER_TASK):
+    """A ``Runner.check``: nbmplock has *entry_point* and takes the items of *task*."""
+    return lambda: nbmplock_problem(entry_point) or items_problem(task.label)
+
+
+def _counted(summary) -> Counted:
+    return Counted(summary.done, summary.skipped, summary.failed)
 
 
 # --------------------------------------------------------------------------
 # Runners
 # --------------------------------------------------------------------------
 
-def run_mp_lock(task: Task, items: Sequence[str], workers: int, scratch: Path) -> None:
-    """Bare ``mp_lock`` with no save_callback; nothing comes back to count."""
+def run_mp_lock_value(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
+    """``mp_lock_value``: the returned list goes to the receiver, like a peer's results."""
     import nbmplock
 
-    nbmplock.mp_lock(items, task.nbm, None, workers, os.fspath(scratch), verbose=False)
-    return None
+    receiver.take(nbmplock.mp_lock_value(items, task.nbm, None, workers, os.fspath(scratch),
+                                         verbose=False, **task.nbm_options))
 
 
-def run_mp_lock_counting(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
-    """``mp_lock`` with a save_callback that counts result bytes (W3)."""
+def run_mp_lock_saving(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
+    """``mp_lock`` with a ``save_callback`` that hands every result to the receiver."""
     import nbmplock
 
-    counter = ByteCounter()
-    nbmplock.mp_lock(items, task.nbm, counter, workers, os.fspath(scratch), verbose=False)
-    return counter.total
+    def save(output_filepath, results, names):
+        receiver.take(results)
+
+    nbmplock.mp_lock(items, task.nbm, save, workers, os.fspath(scratch), verbose=False,
+                     **task.nbm_options)
 
 
-def run_mp_lock_value(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
-    """``mp_lock_value``; the returned list is tallied like a peer's results."""
+def run_mp_lock(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> Outcome:
+    """Bare ``mp_lock`` without a save_callback: no results come back, only the counts."""
     import nbmplock
 
-    results = nbmplock.mp_lock_value(items, task.nbm, None, workers, os.fspath(scratch), verbose=False)
-    return task.tally(results)
+    summary = nbmplock.mp_lock(items, task.nbm, None, workers, os.fspath(scratch), verbose=False,
+                               **task.nbm_options)
+    return Outcome(counted=_counted(summary))
 
 
-def run_job_panel(task: Task, items: Sequence[str], workers: int, scratch: Path) -> None:
+def run_job_panel(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> Outcome:
     """``nbmplock.Job`` driven with a headless ``Panel`` attached.
 
-    ``keep_results=False`` so that it does what ``mp_lock`` does (which keeps
-    no results): the difference is the price of the Job and its panel only.
+    ``keep_results=False`` so that it does what bare ``mp_lock`` does (which
+    keeps no results): the difference is the price of the Job and its panel
+    only.  Building the panel's widgets happens once per display: it is
+    reported apart, not timed.
     """
     import nbmplock
     from nbmplock._panel import Panel
 
-    from .cases import OneOff
-
     job = nbmplock.Job(items, task.nbm, out_path=os.fspath(scratch), num_procs=workers,
-                       errors="raise", keep_results=False)
-    built = time.perf_counter()
-    panel = Panel(job)  # once per display: a set-up cost, not a throughput cost
-    built = time.perf_counter() - built
+                       errors="raise", keep_results=False, **task.nbm_options)
+    wall, cpu = time.perf_counter(), time.process_time()
+    panel = Panel(job)
+    built = OneOff(time.perf_counter() - wall, time.process_time() - cpu, "panel_build_s")
     job.start()
     job.wait()
     panel.close()
-    return OneOff(None, built, "panel_build_s")
+    if job.error is not None:
+        raise job.error
+    return Outcome(counted=_counted(job.summary), one_off=built)
 
 
-MP_LOCK = Runner(
-    "nbmplock mp_lock",
-    run_mp_lock,
-    role="nbmplock",
-    check=functools.partial(nbmplock_problem, "mp_lock"),
-)
-MP_LOCK_COUNTING = Runner(
-    "nbmplock mp_lock",
-    run_mp_lock_counting,
-    role="nbmplock",
-    check=functools.partial(nbmplock_problem, "mp_lock"),
-    note="save_callback counts len() of the results",
-)
-MP_LOCK_VALUE = Runner(
-    "nbmplock mp_lock_value",
-    run_mp_lock_value,
-    role="nbmplock",
-    check=functools.partial(nbmplock_problem, "mp_lock_value"),
-)
-JOB_PANEL = Runner("nbmplock Job + headless Panel", run_job_panel, role="nbmplock", check=panel_problem)
+def _variant(runner: Runner, task: Task) -> Runner:
+    """*runner* over the items of *task* (a row of its own)."""
+    return Runner(f"{runner.library}, {task.label}", runner.run, role=runner.role,
+                  note=runner.note, check=runner_check("mp_lock", task))
+
+
+MP_LOCK_VALUE = Runner("nbmplock mp_lock_value", run_mp_lock_value, role="nbmplock",
+                       check=runner_check("mp_lock_value"))
+MP_LOCK_SAVING = Runner("nbmplock mp_lock + save_callback", run_mp_lock_saving, role="nbmplock",
+                        check=runner_check("mp_lock"),
+                        note="save_callback receives every result")
+MP_LOCK = Runner("nbmplock mp_lock, no save_callback", run_mp_lock, role="nbmplock",
+                 check=runner_check("mp_lock"),
+                 note="for a function that saves its own output: no results come back "
+                      "(not like for like); checked against nbmplock's counts")
+JOB_PANEL = Runner("nbmplock Job + headless Panel", run_job_panel, role="nbmplock",
+                   check=panel_problem,
+                   note="keep_results=False: no results back, like the bare mp_lock row")
+
+MP_LOCK_VALUE_INT = _variant(MP_LOCK_VALUE, INT_NUMBER_TASK)
+MP_LOCK_VALUE_RECORD = _variant(MP_LOCK_VALUE, RECORD_NUMBER_TASK)
+MP_LOCK_INT = _variant(MP_LOCK, INT_NUMBER_TASK)
+MP_LOCK_RECORD = _variant(MP_LOCK, RECORD_NUMBER_TASK)
 
 
 # --------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Runners for the peer libraries nbmplock is compared against.
 
-Every runner has the signature ``run(task, items, workers, scratch) -> int``:
-it maps ``task.plain`` over *items* with *workers* processes, hands the
-results to ``task.tally`` in the caller and returns the tally.  *scratch* is a
-fresh empty directory (unused by the peers).  Each call creates and tears down
-its own worker pool, so every library starts cold, like a fresh ``mp_lock``
-call does.
+Every runner has the signature ``run(task, items, workers, scratch, receiver)``:
+it maps ``task.plain`` over *items* with *workers* processes and hands the
+results to ``receiver.take`` in the caller, as they come (see
+:mod:`bench.delivery`).  *scratch* is a fresh empty directory (unused by the
+peers).  Each call creates and tears down its own worker pool, so every
+library starts cold, like a fresh ``mp_lock`` call does.
 
 Progress bars go to a null stream where the peer allows it, so the terminal
 stays readable while the bar's cost is still paid.
@@ -17,35 +17,12 @@ import contextlib
 import functools
 import importlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from .delivery import Receiver
+from .records import Runner
 from .workloads import Task
-
-RunFn = Callable[[Task, Sequence[str], int, Path], Optional[int]]
-
-
-@dataclass(frozen=True)
-class Runner:
-    """A named way to run a map, as listed in the results table.
-
-    ``after`` runs outside the timed region once the run is over (used to
-    shut down pools that a library would otherwise keep warm).
-    ``role`` is ``"peer"``, ``"nbmplock"`` or ``"baseline"``.
-    ``check`` says why the runner cannot run here (``None`` when it can).
-    """
-
-    library: str
-    run: RunFn
-    role: str = "peer"
-    after: Optional[Callable[[int], None]] = None
-    note: str = ""
-    check: Optional[Callable[[], Optional[str]]] = None
-
-    def problem(self) -> Optional[str]:
-        """Why this runner cannot run here, or ``None``."""
-        return self.check() if self.check else None
 
 
 def module_problem(module: str) -> Optional[str]:
@@ -92,69 +69,69 @@ def null_text_stream() -> Iterator:
 # Runners
 # --------------------------------------------------------------------------
 
-def run_serial(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
+def run_serial(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
     """Plain loop in the caller: the baseline for W2 and W4."""
-    return task.tally(task.plain(item) for item in items)
+    receiver.take(task.plain(item) for item in items)
 
 
-def run_multiprocess(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
+def run_multiprocess(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
     """``multiprocess.Pool.imap_unordered`` with its default chunksize of 1."""
     import multiprocess
 
     with closing_pool(multiprocess.Pool(workers)) as pool:
-        return task.tally(pool.imap_unordered(task.plain, items))
+        receiver.take(pool.imap_unordered(task.plain, items))
 
 
-def run_multiprocess_chunked(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
+def run_multiprocess_chunked(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
     """``multiprocess.Pool.imap_unordered`` with the ``Pool.map`` chunksize (W6 reference)."""
     import multiprocess
 
     chunksize = pool_map_chunksize(len(items), workers)
     with closing_pool(multiprocess.Pool(workers)) as pool:
-        return task.tally(pool.imap_unordered(task.plain, items, chunksize=chunksize))
+        receiver.take(pool.imap_unordered(task.plain, items, chunksize=chunksize))
 
 
-def run_multiprocessing(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
+def run_multiprocessing(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
     """Stdlib ``multiprocessing.Pool.imap_unordered`` with the ``Pool.map`` chunksize."""
     import multiprocessing
 
     chunksize = pool_map_chunksize(len(items), workers)
     with closing_pool(multiprocessing.Pool(workers)) as pool:
-        return task.tally(pool.imap_unordered(task.plain, items, chunksize=chunksize))
+        receiver.take(pool.imap_unordered(task.plain, items, chunksize=chunksize))
 
 
-def run_futures(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
+def run_futures(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
     """``concurrent.futures.ProcessPoolExecutor.map`` with the ``Pool.map`` chunksize."""
     from concurrent.futures import ProcessPoolExecutor
 
     chunksize = pool_map_chunksize(len(items), workers)
     with ProcessPoolExecutor(max_workers=workers) as executor:
-        return task.tally(executor.map(task.plain, items, chunksize=chunksize))
+        receiver.take(executor.map(task.plain, items, chunksize=chunksize))
 
 
-def run_mpire(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
+def run_mpire(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
     """``mpire.WorkerPool.map_unordered`` without a progress bar (default chunking)."""
     from mpire import WorkerPool
 
     with WorkerPool(n_jobs=workers) as pool:
-        return task.tally(pool.map_unordered(task.plain, items, progress_bar=False))
+        receiver.take(pool.map_unordered(task.plain, items, progress_bar=False))
 
 
-def run_mpire_bar(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
+def run_mpire_bar(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
     """``mpire.WorkerPool.map_unordered`` with its progress bar (stderr sent to devnull)."""
     from mpire import WorkerPool
 
     with null_text_stream() as sink, contextlib.redirect_stderr(sink):
         with WorkerPool(n_jobs=workers) as pool:
-            return task.tally(pool.map_unordered(task.plain, items, progress_bar=True))
+            receiver.take(pool.map_unordered(task.plain, items, progress_bar=True))
 
 
-def run_joblib(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
+def run_joblib(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
     """``joblib.Parallel`` with the loky backend and ``batch_size="auto"``."""
     from joblib import Parallel, delayed
 
     parallel = Parallel(n_jobs=workers, backend="loky", batch_size="auto")
-    return task.tally(parallel(delayed(task.plain)(item) for item in items))
+    receiver.take(parallel(delayed(task.plain)(item) for item in items))
 
 
 def shutdown_loky(workers: int) -> None:
@@ -164,14 +141,14 @@ def shutdown_loky(workers: int) -> None:
     get_reusable_executor(max_workers=workers).shutdown(wait=True)
 
 
-def run_tqdm_process_map(task: Task, items: Sequence[str], workers: int, scratch: Path) -> int:
+def run_tqdm_process_map(task: Task, items: Sequence, workers: int, scratch: Path, receiver: Receiver) -> None:
     """``tqdm.contrib.concurrent.process_map`` with the ``Pool.map`` chunksize, bar to devnull."""
     from tqdm.contrib.concurrent import process_map
 
     chunksize = pool_map_chunksize(len(items), workers)
     with null_text_stream() as sink:
         results = process_map(task.plain, items, max_workers=workers, chunksize=chunksize, file=sink)
-    return task.tally(results)
+    receiver.take(results)
 
 
 # --------------------------------------------------------------------------

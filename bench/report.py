@@ -19,10 +19,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .analysis import Summary
+from .analysis import NOT_TIMED, Summary
 from .cases import WORKLOADS
-from .harness import Sample
 from .loadmeter import WARN_SHARE
+from .nbm import NOT_SUPPORTED
+from .records import OK, SKIPPED, Sample
 
 #: Distributions whose versions head the report.
 VERSIONED = ("nbmplock", "multiprocess", "dill", "mpire", "joblib", "tqdm", "matplotlib", "psutil")
@@ -124,9 +125,16 @@ def fmt(unit: str, value: Optional[float]) -> str:
         return f"{v:,.0f}"
     if unit == "s":
         return f"{v:.3f}"
-    if unit == "x":
+    if unit in ("x", "µs/item"):
         return f"{v:.3f}"
     return f"{v:.2f}"
+
+
+def fmt_us(us: Optional[float]) -> str:
+    """Microseconds, three significant digits or so."""
+    if us is None:
+        return "—"
+    return f"{us:,.0f}" if us >= 100 else f"{us:.2f}"
 
 
 def fmt_bytes(n: Optional[float]) -> str:
@@ -134,10 +142,19 @@ def fmt_bytes(n: Optional[float]) -> str:
     return "—" if n is None else f"{n / MIB:,.1f} MiB"
 
 
+def state_text(row: Summary) -> str:
+    """Why a row has no number, in a word or three."""
+    if NOT_SUPPORTED in row.note:
+        return NOT_SUPPORTED
+    if row.state == OK:
+        return "no data"
+    return NOT_TIMED[row.state] + ("" if row.state == SKIPPED else " (not timed)")
+
+
 def result_cell(row: Summary) -> str:
     """``median unit (min–max)``, or why there is no number."""
     if not row.measured:
-        return "skipped" if row.note.startswith("skipped") else "error"
+        return state_text(row)
     spread = f"{fmt(row.unit, row.low)}–{fmt(row.unit, row.high)}"
     return f"{fmt(row.unit, row.median)} {row.unit} ({spread})"
 
@@ -148,6 +165,8 @@ def details_cell(row: Summary, note: str) -> str:
     d = row.details
     if d.get("per_item_ms") is not None:
         parts.append(f"serial {d['per_item_ms']:.2f} ms/item")
+    if d.get("of_ideal") is not None:
+        parts.append(f"{d['of_ideal']:.3f} of ideal")
     if row.workload == "W5" and d.get("disk_bytes") is not None:
         parts.append(
             f"disk {fmt_bytes(d['disk_bytes'])} = {d['disk_vs_raw']:.2f}x raw ({fmt_bytes(d['raw_bytes'])}); "
@@ -158,10 +177,14 @@ def details_cell(row: Summary, note: str) -> str:
             f"peak RSS {fmt_bytes(d['peak_rss'])}, list {fmt_bytes(d['list_bytes'])}, "
             f"before list {fmt_bytes(d['baseline_rss'])}"
         )
-    if note:
+    if note and row.state != SKIPPED:
         parts.append(note)
     if row.note:
-        text = row.note if len(row.note) <= 160 else row.note[:157] + "..."
+        text = row.note if len(row.note) <= 200 else row.note[:197] + "..."
+        if NOT_SUPPORTED in text:  # the result cell says it already: keep the reason
+            text = text.replace(f"{NOT_SUPPORTED} ", "")
+        elif row.state != OK:
+            text = f"{row.state}: {text}"
         parts.append(text)
     return "; ".join(parts)
 
@@ -198,7 +221,8 @@ def header_lines(meta: dict) -> list[str]:
         f"- **Workers:** {meta['workers']} · **Repeats:** {meta['repeats']} per library, interleaved run by run "
         "(repeat 1 of every library, then repeat 2, ...; order shuffled each repeat, seeded)",
         f"- **Versions:** {versions}",
-        f"- **Calibration:** {meta['loops_per_ms']:,.0f} busy-loop iterations per ms",
+        f"- **Command:** `{meta.get('command', 'python -m bench')}`",
+        f"- **Calibration:** {meta['loops_per_ms'] or 0:,.0f} busy-loop iterations per ms",
         f"- **Total wall time:** {meta['elapsed_seconds']:.0f} s",
         *load_lines(meta.get("foreign_cpu", {})),
     ]
@@ -226,14 +250,16 @@ def load_lines(foreign: dict[str, Optional[float]]) -> list[str]:
 def table_lines(rows: Sequence[Summary], notes: dict[tuple[str, str], str]) -> list[str]:
     """The results table."""
     lines = [
-        "| Workload | Library | Result: median (min–max) | Wall s (median) | vs fastest peer | Target | Check | Details |",
-        "|---|---|---|---:|---:|---|---|---|",
+        "| Workload | Library | Result: median (min–max) | Wall s (median) | Parent CPU µs/item "
+        "| vs fastest peer | Target | Check | Details |",
+        "|---|---|---|---:|---:|---:|---|---|---|",
     ]
     for row in rows:
         wall = "—" if row.seconds_median is None else f"{row.seconds_median:.3f}"
+        cpu = fmt_us(row.parent_cpu_us)
         vs = "—" if row.vs_best is None else f"{row.vs_best:.2f}x"
         cells = [
-            row.workload, row.library, result_cell(row), wall, vs, row.target, row.status,
+            row.workload, row.library, result_cell(row), wall, cpu, vs, row.target, row.status,
             details_cell(row, notes.get((row.workload, row.library), "")),
         ]
         lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
@@ -247,10 +273,32 @@ def legend_lines() -> list[str]:
     lines += [
         "- **UI**: time of `nbmplock.Job` with a headless `Panel` divided by bare `mp_lock` on W1, "
         "paired repeat by repeat; 1.0 means the panel costs nothing.",
+        "- **KEY**: per-item cost of items that are not `str`: (time with int items, or with dict "
+        "items and `key=`) minus (time with str items), divided by the items, paired repeat by "
+        "repeat (the dict rows also ship a dict to the worker instead of a short string). "
+        f"While nbmplock refuses such items the rows say \"{NOT_SUPPORTED}\".",
+        "",
+        "**nbmplock rows.** `mp_lock_value` returns every result, as every peer does: it is the "
+        "like-for-like row and carries the targets. `mp_lock + save_callback` hands every result "
+        "to a callback. `mp_lock, no save_callback` and the Job row get no results back (for a "
+        "function that saves its own output): faster, but not like for like.",
+        "",
+        "**Delivery check.** Every run of every library is checked after its timer stopped: "
+        "each result names its item, and the caller must have received exactly the expected "
+        "multiset (count and content: one item missing and another twice fails). Rows that get "
+        "no results back are checked against nbmplock's own counts (every item ran, none failed; "
+        "on a resume, none ran again). A row any of whose runs failed the check (FAILED) or "
+        "raised (ERROR) is not timed.",
+        "",
+        "**Parent CPU µs/item** is the user + system CPU time of the benchmark process itself "
+        "(its threads included, worker processes not) over the timed call, divided by the items "
+        "(median of the repeats).",
         "",
         "**vs fastest peer** is the slowdown against the best peer median of the workload "
         "(1.00x = as good as the fastest peer; nbmplock and baseline rows are not peers). "
         "**Check** is PASS/MISS for the nbmplock targets, n/a when a number needed is missing. "
+        "\"Within the best peer's spread\" (W2, W4) allows the run's own noise: the best peer's "
+        "(max − min) / median over its repeats (0 with one repeat). "
         "Every run starts its own pool (start-up and shutdown are timed); nbmplock gets a "
         "fresh empty `out_path` per run. `n/4w` is the chunksize `Pool.map` would pick: "
         "ceil(items / (4 × workers)).",
@@ -258,11 +306,22 @@ def legend_lines() -> list[str]:
     return lines
 
 
+def study_lines(studies: dict[str, str]) -> list[str]:
+    """The studies run with the suite and the files they wrote (or why not)."""
+    if not studies:
+        return []
+    lines = ["## Studies", "", "Run by the same command; each wrote its own report beside this one.", ""]
+    for key, outcome in studies.items():
+        written = outcome.endswith(".md")
+        lines.append(f"- **{key}**: " + (f"[{outcome}]({outcome})" if written else outcome))
+    return lines
+
+
 def error_lines(samples: Sequence[Sample]) -> list[str]:
     """Every error and skip message, in full."""
     seen, lines = set(), []
     for s in samples:
-        if s.status == "ok" or (s.workload, s.library, s.error) in seen:
+        if s.status == OK or (s.workload, s.library, s.error) in seen:
             continue
         seen.add((s.workload, s.library, s.error))
         where = "" if s.repeat < 0 else f" (repeat {s.repeat + 1})"
@@ -274,6 +333,9 @@ def markdown(meta: dict, rows: Sequence[Summary], samples: Sequence[Sample], not
     """The complete ``results.md`` text."""
     parts = ["# nbmplock benchmark results", "", *header_lines(meta), "", "## Results", "",
              *table_lines(rows, notes), "", "![chart](chart.png)", "", *legend_lines(), ""]
+    studies = study_lines(meta.get("studies", {}))
+    if studies:
+        parts += [*studies, ""]
     errors = error_lines(samples)
     if errors:
         parts += [*errors, ""]
@@ -291,7 +353,11 @@ REFERENCE_LINES = {
     "W5": [(0.3, "mp_lock target"), (1.5, "mp_lock_value target")],
     "W6": [(2.0, "target")],
     "UI": [(1.0, "no cost"), (1.05, "target")],
+    "INT": [(2.0, "target")],
 }
+
+#: Chart titles of the derived rows.
+DERIVED_TITLES = {"UI": "UI: Job+Panel / mp_lock", "KEY": "KEY: keying cost vs str items"}
 
 
 def chart_panels(rows: Sequence[Summary]) -> list[tuple[str, list[Summary]]]:
@@ -306,7 +372,7 @@ def draw_panel(ax, key: str, rows: Sequence[Summary], workers: int) -> None:
     """One horizontal bar chart: medians with min–max whiskers."""
     labels, medians, lows, highs, colours = [], [], [], [], []
     for row in reversed(rows):
-        label = row.library if row.measured else f"{row.library} ({'skipped' if row.note.startswith('skipped') else 'error'})"
+        label = row.library if row.measured else f"{row.library} ({state_text(row)})"
         labels.append(label)
         if row.measured:
             med = display_value(row.unit, row.median)
@@ -322,7 +388,7 @@ def draw_panel(ax, key: str, rows: Sequence[Summary], workers: int) -> None:
     ax.barh(positions, medians, xerr=[lows, highs], color=colours, capsize=3)
     ax.set_yticks(list(positions), labels, fontsize=7)
     spec = {w.key: w for w in WORKLOADS}.get(key)
-    title = f"{key} {spec.title}" if spec else f"{key}: Job+Panel / mp_lock"
+    title = f"{key} {spec.title}" if spec else DERIVED_TITLES.get(key, key)
     better = "higher" if rows[0].higher_is_better else "lower"
     ax.set_title(f"{title} — {rows[0].unit}, {better} is better", fontsize=9)
     positive = [m for m in medians if m > 0]

@@ -1,6 +1,8 @@
 """Where W2's last few percent go: nbmplock against ``Pool`` on 400 x 10 ms of Python.
 
-    python -m bench.w2_anatomy [--repeats 7] [--workers 2]
+    python -m bench.w2_anatomy [--repeats 7] [--workers 2] [--items 400]
+
+(``python -m bench`` runs it too, as its ``ANATOMY`` study.)
 
 Runs, interleaved in a seeded shuffled order each repeat:
 
@@ -8,7 +10,8 @@ Runs, interleaved in a seeded shuffled order each repeat:
 * ``multiprocessing.Pool.imap_unordered`` with the ``Pool.map`` chunksize;
 * ``mp_lock`` as shipped (chunks of about 0.5 s, work stealing at the tail);
 * ``mp_lock`` with chunks of about 0.2 s, the default before (an ablation:
-  ``TARGET_CHUNK_SECONDS`` is set for the run, not a setting users have);
+  ``nbmplock._runner.TARGET_CHUNK_SECONDS`` is set for the run, not a setting
+  users have; the row is left out when that private name is gone);
 * ``mp_lock`` with ``Pool``'s chunk size (``chunk_size=``).
 
 For each it reports the speedup, the CPU time of the items themselves (the
@@ -29,9 +32,11 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 from .peers import pool_map_chunksize
-from .workloads import calibrate_loops_per_ms, spin
+from .records import ResultMismatch
+from .workloads import busy_items, calibrate_loops_per_ms, loops_for_ms, spin
 
 RESULTS = Path(__file__).resolve().parent / "results" / "w2_anatomy.md"
 
@@ -47,75 +52,84 @@ def timed_item_nbm(item: str, shared_data, init_values) -> float:
     return timed_item(item)
 
 
+def chunk_target_settable() -> bool:
+    """Whether this nbmplock still has the private chunk-length constant the ablation sets."""
+    try:
+        import nbmplock._runner as runner
+    except ImportError:
+        return False
+    return hasattr(runner, "TARGET_CHUNK_SECONDS")
+
+
 @contextlib.contextmanager
 def chunk_target(seconds: float | None):
     """Run with another automatic chunk length (``None``: the shipped one)."""
+    if seconds is None:
+        yield
+        return
     import nbmplock._runner as runner
 
     saved = runner.TARGET_CHUNK_SECONDS
-    if seconds is not None:
-        runner.TARGET_CHUNK_SECONDS = seconds
+    runner.TARGET_CHUNK_SECONDS = seconds
     try:
         yield
     finally:
         runner.TARGET_CHUNK_SECONDS = saved
 
 
-def run_pool(items, workers, chunksize):
+def run_pool(items, workers, chunksize) -> list[float]:
     with multiprocessing.Pool(workers) as pool:
-        return sum(pool.imap_unordered(timed_item, items, chunksize=chunksize))
+        return list(pool.imap_unordered(timed_item, items, chunksize=chunksize))
 
 
-def run_nbm(items, workers, chunk_size=None, target=None):
+def run_nbm(items, workers, chunk_size=None, target=None) -> list[float]:
     import nbmplock
 
-    total = [0.0]
+    received: list[float] = []
 
     def save(path, results, names):
-        total[0] += sum(results)
+        received.extend(results)
 
     with tempfile.TemporaryDirectory(prefix="nbmplock-w2-") as out, chunk_target(target):
         nbmplock.mp_lock(items, timed_item_nbm, save, workers, out, verbose=False,
                          chunk_size=chunk_size)
-    return total[0]
+    return received
 
 
-def measure(fn) -> dict:
+def measure(fn: Callable[[], list[float]], n_items: int) -> dict:
+    """Wall time, the items' own CPU and the context switches of one run of *fn*."""
     own0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    item_cpu = fn()
+    item_cpus = fn()
     wall = time.perf_counter() - started
     own1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"wall": wall, "item_cpu": item_cpu,
+    if len(item_cpus) != n_items:
+        raise ResultMismatch(f"{len(item_cpus):,} results for {n_items:,} items")
+    return {"wall": wall, "item_cpu": sum(item_cpus),
             "parent_wakeups": own1.ru_nvcsw - own0.ru_nvcsw,
             "worker_preempted": kids1.ru_nivcsw - kids0.ru_nivcsw}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.w2_anatomy", description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--items", type=int, default=400)
-    args = parser.parse_args(argv)
-
-    loops = int(calibrate_loops_per_ms() * 10)
-    items = [f"cpu-{i:06d}:{loops}" for i in range(args.items)]
-    chunk = pool_map_chunksize(len(items), args.workers)
-    cases = {
-        "serial loop": lambda: sum(timed_item(i) for i in items),
-        f"multiprocessing.Pool (chunksize {chunk})": lambda: run_pool(items, args.workers, chunk),
-        "mp_lock (default chunks, about 0.5 s)": lambda: run_nbm(items, args.workers),
-        "mp_lock, chunks of about 0.2 s (the default before)":
-            lambda: run_nbm(items, args.workers, target=0.2),
-        f"mp_lock, chunk_size={chunk}": lambda: run_nbm(items, args.workers, chunk_size=chunk),
+def anatomy(n_items: int, repeats: int, workers: int) -> str:
+    """Run every case *repeats* times, interleaved; return the Markdown report."""
+    items = busy_items(n_items, loops_for_ms(calibrate_loops_per_ms(), 10))
+    chunk = pool_map_chunksize(len(items), workers)
+    cases: dict[str, Callable[[], float]] = {
+        "serial loop": lambda: [timed_item(i) for i in items],
+        f"multiprocessing.Pool (chunksize {chunk})": lambda: run_pool(items, workers, chunk),
+        "mp_lock (default chunks, about 0.5 s)": lambda: run_nbm(items, workers),
     }
+    if chunk_target_settable():
+        cases["mp_lock, chunks of about 0.2 s (the default before)"] = \
+            lambda: run_nbm(items, workers, target=0.2)
+    cases[f"mp_lock, chunk_size={chunk}"] = lambda: run_nbm(items, workers, chunk_size=chunk)
     samples: dict[str, list[dict]] = {name: [] for name in cases}
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         order = list(cases)
         random.Random(repeat).shuffle(order)
         for name in order:
-            samples[name].append(measure(cases[name]))
-        print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
+            samples[name].append(measure(cases[name], len(items)))
+        print(f"  anatomy repeat {repeat + 1}/{repeats} done", flush=True)
 
     def med(name, key):
         return statistics.median(s[key] for s in samples[name])
@@ -124,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# W2 anatomy: nbmplock against Pool on pure-Python items",
         "",
-        (f"`python -m bench.w2_anatomy --repeats {args.repeats} --workers {args.workers}` "
+        (f"`python -m bench.w2_anatomy --repeats {repeats} --workers {workers} --items {n_items}` "
          f"on {time.strftime('%Y-%m-%d')}: {len(items)} items of about 10 ms, "
-         f"{args.workers} workers on {multiprocessing.cpu_count()} cores, "
+         f"{workers} workers on {multiprocessing.cpu_count()} cores, "
          "medians of interleaved repeats."),
         "",
         "| case | speedup | items' CPU s | parent wake-ups | workers preempted |",
@@ -135,7 +149,28 @@ def main(argv: list[str] | None = None) -> int:
     for name in cases:
         lines.append(f"| {name} | {serial / med(name, 'wall'):.3f} | {med(name, 'item_cpu'):.3f} | "
                      f"{med(name, 'parent_wakeups'):.0f} | {med(name, 'worker_preempted'):.0f} |")
-    text = "\n".join(lines) + "\n"
+    if not chunk_target_settable():
+        lines += ["", "The 0.2 s-chunk ablation is left out: this nbmplock has no "
+                      "`_runner.TARGET_CHUNK_SECONDS` to set."]
+    return "\n".join(lines) + "\n"
+
+
+def regenerate(out_dir: Path, *, quick: bool, workers: int, repeats: Optional[int]) -> Path:
+    """Write ``w2_anatomy.md`` into *out_dir* (``python -m bench``'s ANATOMY study)."""
+    text = anatomy(120 if quick else 400, repeats or (3 if quick else 7), workers)
+    path = out_dir / RESULTS.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.w2_anatomy", description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--items", type=int, default=400)
+    args = parser.parse_args(argv)
+    text = anatomy(args.items, args.repeats, args.workers)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text, encoding="utf-8")
     print(text + f"\nwrote {RESULTS}")
