@@ -9,9 +9,15 @@ runner does all of that in one thread.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+
+#: Set when the interpreter exits (see _job's atexit hook): no backend starts a
+#: new worker from then on (a kernel restart must not spawn replacements).
+exiting = threading.Event()
 
 
 @dataclass(eq=False)
@@ -60,7 +66,7 @@ class ChunksLost:
 
     chunks: list[Chunk]
     blame: tuple[Chunk, int] | None
-    kind: str  # "died", "timeout", "killed" (by a forced stop)
+    kind: str  # "died", "timeout", "killed" (by a forced stop), "terminated" (from outside)
     message: str
     worker: str
     pid: int | None = None

@@ -43,6 +43,10 @@ def status(out_path: str, last: int, out) -> int:
     if total is not None:
         out.write(f"not done:      {max(0, total - snap.done):,} (failed included)\n")
     out.write(f"last update:   {_when(snap.last_update)}\n")
+    if snap.last_end:
+        end = snap.last_end
+        why = f" ({end['reason']})" if end.get("reason") else ""
+        out.write(f"last run:      {end.get('status')} at {_when(end.get('time'))}{why}\n")
     if snap.holder_pid is None:
         out.write("live run:      none (a new run may start)\n")
     else:

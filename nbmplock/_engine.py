@@ -41,7 +41,7 @@ from multiprocess.connection import wait as mp_wait
 
 from . import _worker
 from ._backend import (Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput,
-                       WorkPayload)
+                       WorkPayload, exiting)
 from ._errors import SerializationError, WorkerDiedError
 
 log = logging.getLogger("nbmplock")
@@ -207,6 +207,7 @@ class LocalBackend:
                   close_fds, self._want_results, self._parent_pid, self._timeout is not None,
                   self._items))
         proc.start()
+        _own_group(proc.pid)
         for end in (task_r, res_w, out_w):
             end.close()
         os.set_blocking(out_r.fileno(), False)
@@ -380,11 +381,24 @@ class LocalBackend:
 
     # -- losing workers --------------------------------------------------
     def _lost(self, worker: _Worker, events: list, *, kind: str, message: str | None = None) -> None:
-        """Account for a dead (or killed) worker and start its replacement."""
+        """Account for a dead (or killed) worker and start its replacement.
+
+        A worker ended by SIGTERM, SIGHUP or SIGQUIT was ended from outside
+        (a kernel shutdown or restart, ``kill``, a service manager): that is a
+        request to stop, not the item's fault. The run stops as a Force stop
+        would: nothing is recorded failed and no replacement starts.
+        """
         self._read_messages(worker, events)
         self._read_output(worker, events, final=True)
-        worker.process.join(5)
+        _reap(worker.process, 5)
         exitcode = worker.process.exitcode
+        if kind == "died" and exitcode is not None and -exitcode in _ENDED_FROM_OUTSIDE:
+            kind = "terminated"
+            message = (f"worker {worker.label} (pid {worker.process.pid}) was ended by "
+                       f"{signal.Signals(-exitcode).name} from another process (a kernel "
+                       "restart or shutdown, kill, a service manager); the run was stopped "
+                       "as by Force stop, and nothing was recorded as failed")
+            self._stopping = True
         blame = None
         seconds = None
         if worker.chunks and worker.slot[1] >= 0 and int(worker.slot[0]) == worker.chunks[0].id:
@@ -398,6 +412,8 @@ class LocalBackend:
         del self._workers[worker.index]
         if message is None:
             message = describe_exit(exitcode)
+        if kind == "terminated":
+            blame = None
         if worker.chunks or kind != "died":
             events.append(ChunksLost(list(worker.chunks), blame, kind, message, worker.label,
                                      pid, exitcode, seconds))
@@ -419,7 +435,7 @@ class LocalBackend:
         if kind == "died" and not self._stopping and not self._closed:
             log.warning("worker %s (pid %s) died: %s; starting a replacement",
                         worker.label, pid, message)
-        if not self._stopping and not self._closed:
+        if not self._stopping and not self._closed and not exiting.is_set():
             self._spawn(worker.index)
 
     def _check_timeouts(self, events: list) -> None:
@@ -460,10 +476,11 @@ class LocalBackend:
                 _send(worker.tasks, b"")
         deadline = time.monotonic() + _SHUTDOWN_GRACE
         for worker in workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
-            if worker.process.exitcode is None:
+            # Processes the worker started (Popen, os.fork, a pool of its own) are
+            # in its process group: killed with it, even when it exits by itself.
+            if not _reap(worker.process, max(0.0, deadline - time.monotonic())):
                 _kill(worker.process)
-                worker.process.join(5)
+                _reap(worker.process, 5)
             self._read_output(worker, events, final=True)
             self._close_worker(worker)
         self._workers.clear()
@@ -492,11 +509,54 @@ def _send(conn, data: bytes) -> None:
         pass  # the worker just died: its sentinel fires and its chunks are requeued
 
 
+#: Signals that end a worker from outside: a stop of the run, not an item's fault.
+_ENDED_FROM_OUTSIDE = frozenset({signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGINT})
+
+
+def _own_group(pid: int) -> None:
+    """Put a just-started worker in a process group of its own (the worker does
+    it too, first thing: whichever runs first wins, the other is a no-op), so
+    that the processes it starts can be killed with it."""
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass  # it exec'd (spawn) or is not our child (forkserver): it does it itself
+
+
 def _kill(process) -> None:
+    """SIGKILL the worker and every process of its group (what ``process`` started)."""
+    pid = process.pid
+    if pid is not None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+            return
+        except OSError:
+            pass  # not (yet) a group leader: kill the process alone
     try:
         process.kill()
     except (OSError, ValueError, AttributeError):
         pass
+
+
+def _reap(process, timeout: float) -> bool:
+    """Wait up to ``timeout`` for the worker to end, then kill what is left of its
+    group and collect its exit status; False if it is still running.
+
+    The group is killed before the worker is reaped: until then its pid (the
+    group's id) cannot be reused, so the signal reaches only its own processes.
+    """
+    try:
+        sentinel = process.sentinel
+    except (ValueError, AttributeError):
+        return True  # already closed
+    if not mp_wait([sentinel], timeout):
+        return False
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        pass  # no process is left in its group
+    process.join(5)
+    return True
 
 
 def _drain_fd(fd: int) -> bytes:

@@ -10,6 +10,7 @@ per second whatever the item rate; they are called without any lock held.
 
 from __future__ import annotations
 
+import atexit
 import enum
 import logging
 import os
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._backend import make_backend_factory
+from ._backend import exiting, make_backend_factory
 from ._errors import InvalidArgumentsError, JobStateError, RunLockedError
 from ._runner import Counters, Runner, StopMode, items_hash
 from ._store import Failure, read_complete, read_contents
@@ -130,6 +131,33 @@ _WHY = {
 
 _live: dict[str, weakref.ReferenceType] = {}
 _live_lock = threading.Lock()
+
+
+def _stop_every_job_at_exit(timeout: float = 5.0) -> None:
+    """The interpreter is exiting (a script's end, a kernel restart or shutdown).
+
+    Every live job stops as a Force stop would: no backend starts a worker any
+    more, the workers are killed, nothing is recorded as failed, and each run
+    records that it stopped. Registered (again) at every job start, after the
+    backend imported ``multiprocess``: atexit handlers run last-registered
+    first, and this one must run before ``multiprocess``'s, which would
+    SIGTERM the workers, and IPython's, which clears the notebook's names.
+    """
+    exiting.set()
+    with _live_lock:
+        jobs = [ref() for ref in _live.values()]
+    jobs = [job for job in jobs if job is not None and job.state.active]
+    for job in jobs:
+        job._stop(StopMode.FORCE, note="the interpreter exited (end of the script, or a "
+                                       "kernel restart or shutdown)")
+    deadline = time.monotonic() + timeout
+    for job in jobs:
+        job.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _register_exit_hook() -> None:
+    atexit.unregister(_stop_every_job_at_exit)
+    atexit.register(_stop_every_job_at_exit)
 
 
 def live_job(out_path: str) -> Job | None:
@@ -331,7 +359,7 @@ class Job:
         """
         return self._stop(StopMode.FORCE if force else StopMode.GRACEFUL)
 
-    def _stop(self, mode: StopMode) -> Job:
+    def _stop(self, mode: StopMode, note: str | None = None) -> Job:
         """Stop with ``mode``; ``StopMode.NOW`` is what Ctrl-C does (see _seed)."""
         with self._lock:
             if not self._state.active:
@@ -339,7 +367,7 @@ class Job:
             runner = self._runner
             self._state = JobState.STOPPING
         if runner is not None:
-            runner.request_stop(mode)
+            runner.request_stop(mode, note)
         self._emit(Event("state", self.progress))
         return self
 
@@ -361,6 +389,7 @@ class Job:
         handoff = _Handoff()
         try:
             runner.prepare()  # raises here, in the caller, for a locked or unwritable out_path
+            _register_exit_hook()  # now that the backend's modules are imported
             self.fingerprint_changes = runner.fingerprint_changes
             self.error = None
             self.notes = ()

@@ -239,13 +239,16 @@ class Runner:
         return n_distinct
 
     # -- control from other threads --------------------------------------
-    def request_stop(self, mode: StopMode = StopMode.GRACEFUL) -> None:
+    def request_stop(self, mode: StopMode = StopMode.GRACEFUL, note: str | None = None) -> None:
         """Thread-safe: ask for a stop; the manager carries it out at its next wake-up.
 
         Invariant: the field is set before the wake-up byte is written, and the
         manager reads the field after every wait, so a request is never missed.
         A request made before the backend exists is read before it is started.
+        ``note`` says why, in the run's end record.
         """
+        if note:
+            self._notes.append(note)
         current = self._stop_request
         if current is None or mode > current:
             self._stop_request = mode
@@ -266,12 +269,24 @@ class Runner:
             self._error = self._error or exc
         finally:
             self._finish()
-        notes = tuple(self._notes)
+        return Outcome(self._status(), self._error, tuple(self._notes))
+
+    def _status(self) -> str:
+        c = self.counters
         if self._error is not None:
-            return Outcome("failed", self._error, notes)
+            return "failed"
         if (self._stop_request or self._stopping) and c.done + c.done_before < c.total:
-            return Outcome("stopped", None, notes)
-        return Outcome("finished", None, notes)
+            return "stopped"
+        return "finished"
+
+    def _end_reason(self, status: str) -> str:
+        if status == "failed":
+            return f"{type(self._error).__name__}: {str(self._error)[:500]}"
+        parts = []
+        if status == "stopped" and self._stop_begun is not None:
+            parts.append({StopMode.GRACEFUL: "Stop", StopMode.NOW: "interrupt (Ctrl-C)",
+                          StopMode.FORCE: "Force stop"}[self._stop_begun])
+        return "; ".join(parts + self._notes)
 
     def _loop(self) -> None:
         self._backend = backend = self._backend_factory(self._payload, self.store)
@@ -531,6 +546,9 @@ class Runner:
         self._dirty = True
 
     def _chunks_lost(self, ev: ChunksLost) -> None:
+        if ev.kind == "terminated" and self._stop_request is not StopMode.FORCE:
+            self._note(ev.message)  # ended from outside: a stop, not a failure
+            self.request_stop(StopMode.FORCE)
         blamed: set = set()
         rows = []
         if ev.blame is not None and ev.kind != "killed":
@@ -645,6 +663,14 @@ class Runner:
                         self.store.check_place()
                     except RunDirectoryLostError as exc:
                         self._error = exc
+                if self.store.contents.complete is None and (c.done or self._stop_begun
+                                                             or self._error is not None):
+                    try:  # how the run ended, for `python -m nbmplock status`
+                        status = self._status()
+                        self.store.record_end(status, self._end_reason(status))
+                    except OSError as exc:
+                        log.warning("nbmplock: could not record the end of the run in %r: %s",
+                                    self.spec.out_path, exc)
                 if (self._error is None and c.done_before + c.done == c.total
                         and self.store.contents.complete is None):
                     try:

@@ -11,6 +11,8 @@ nbmplock keeps its state beside it in ``out_path/.nbmplock/``:
     failure tuples. A record is written with one ``write`` call right after its
     items were handed to ``save_callback``, so a SIGKILL of the process loses
     nothing already recorded; the OS has it.
+``END`` records say how a run ended (finished, stopped, failed, and why);
+a reader that does not know a kind skips it.
 ``job.json``
     The fingerprint of the last run (function hash, item count and hash),
     replaced atomically.
@@ -64,7 +66,7 @@ SYNC_INTERVAL = 0.2
 
 _HEADER = struct.Struct("<2sBBII")
 _MAGIC = b"NL"
-_DONE, _FAIL, _COMPLETE = 1, 2, 3
+_DONE, _FAIL, _COMPLETE, _END = 1, 2, 3, 4
 _COMPLETE_BODY = struct.Struct("<32sQQ")
 _COMPLETE_SIZE = _HEADER.size + _COMPLETE_BODY.size
 _HAS_RESULTS = 1
@@ -137,6 +139,8 @@ class Contents:
     # Set by RunStore.open when the log ends with a COMPLETE record for the run's
     # own item list: (items_hash, n_items, n_distinct); nothing else was loaded.
     complete: tuple | None = None
+    # How the last run that recorded its end ended: {"status", "reason", "time", "pid"}.
+    last_end: dict | None = None
 
 
 def read_complete(out_path: str) -> tuple[str, int, int] | None:
@@ -232,6 +236,7 @@ def scan(data: bytes, *, results: bool, names: bool = True,
     res: dict | None = {} if results else None
     failures: dict = {}
     pos, records, n = 0, 0, len(buf)
+    last_end = None
     while pos < n:
         end = _valid_at(buf, pos)
         if end is None:
@@ -260,11 +265,16 @@ def scan(data: bytes, *, results: bool, names: bool = True,
             for row in pickle.loads(payload):
                 failure = Failure(*row)
                 failures[failure.item] = failure
+        elif kind == _END:
+            try:
+                last_end = json.loads(bytes(payload))
+            except ValueError:
+                last_end = None
         records += 1
         pos = end
     for item in [k for k in failures if k in done]:
         del failures[item]
-    return Contents(done, res, failures, records, pos, n - pos)
+    return Contents(done, res, failures, records, pos, n - pos, last_end=last_end)
 
 
 def _read_log(path: str) -> bytes:
@@ -337,6 +347,7 @@ class Snapshot:
     last_update: float | None
     holder_pid: int | None
     torn_bytes: int
+    last_end: dict | None = None  # how the last run ended: status, reason, time, pid
 
 
 def read_snapshot(out_path: str) -> Snapshot:
@@ -350,7 +361,7 @@ def read_snapshot(out_path: str) -> Snapshot:
         last = None
     failures = tuple(sorted(contents.failures.values(), key=lambda f: f.time))
     return Snapshot(out_path, len(contents.done), failures, read_fingerprint(out_path),
-                    last, lock_holder(out_path), contents.torn_bytes)
+                    last, lock_holder(out_path), contents.torn_bytes, contents.last_end)
 
 
 def read_contents(out_path: str, *, results: bool = False, names: bool = True) -> Contents:
@@ -532,6 +543,12 @@ class RunStore:
         """Every item of the list with ``items_hash`` is done: end the log saying so."""
         body = _COMPLETE_BODY.pack(items_hash.encode("ascii"), n_items, n_distinct)
         self._append(_frame(_COMPLETE, 0, body))
+
+    def record_end(self, status: str, reason: str = "") -> None:
+        """Say how this run ended: "finished", "stopped" or "failed", and why."""
+        body = json.dumps({"status": status, "reason": reason, "time": time.time(),
+                           "pid": os.getpid()}).encode()
+        self._append(_frame(_END, 0, body))
 
     def write_fingerprint(self, fp: Fingerprint) -> None:
         path = os.path.join(self.dir, "job.json")

@@ -83,6 +83,32 @@ def _die_with_parent(parent_pid: int | None) -> None:
         os._exit(1)
 
 
+def _own_process_group() -> None:
+    """Lead a process group of our own: whatever ``process`` starts (``Popen``,
+    ``os.fork``, a pool) joins it, and the parent kills the whole group when it
+    kills this worker or the job ends. (The parent also sets it, right after
+    the fork; whichever comes first wins.)"""
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # pragma: no cover - already a group or session leader
+        pass
+
+
+def _allow_children() -> None:
+    """Let ``process`` start a ``multiprocess`` pool of its own.
+
+    The parent keeps this worker daemonic (ended with it), which makes
+    ``multiprocess`` refuse children here ("daemonic processes are not allowed
+    to have children"). Its children are safe: they are in this worker's
+    process group, which the parent kills with the worker.
+    """
+    try:
+        import multiprocess.process as mp_process
+        mp_process.current_process()._config["daemon"] = False
+    except Exception:  # noqa: BLE001 - only a convenience
+        pass
+
+
 def _capture_output(out_fd: int) -> None:
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
@@ -247,8 +273,10 @@ def main(tasks, conn, out_conn, payload, slot, stop_flag, close_fds, want_result
     the run store's (so it never holds the lock) and the parent's ends of
     every pipe (so the parent's death reads as end-of-file).
     """
+    _own_process_group()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with_parent(parent_pid)
+    _allow_children()
     for fd in close_fds:
         try:
             os.close(fd)

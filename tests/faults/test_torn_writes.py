@@ -79,20 +79,24 @@ def run(items, out: Path, ledger: Path, **kw):
 def bases(tmp_path_factory):
     """Run directories built by real runs, each ending with a different kind of record.
 
-    ``complete``: a finished run (24 DONE records, then the COMPLETE mark);
-    ``done``: the same cut before the COMPLETE mark (a crash just before it);
-    ``fail``: a run whose last record is a FAIL record.
+    ``complete``: a finished run (24 DONE records, the END record saying how the
+    run ended, then the COMPLETE mark);
+    ``done``: the same cut before the END record (a crash just before it);
+    ``fail``: a run cut after its last FAIL record (before its END record).
     """
     root = tmp_path_factory.mktemp("bases")
     complete = root / "complete"
     assert run(ITEMS, complete, root / "l1") == expected(ITEMS)
     recs = records(complete)
-    assert [k for _, _, k in recs] == [_store._DONE] * len(ITEMS) + [_store._COMPLETE]
+    assert [k for _, _, k in recs] == ([_store._DONE] * len(ITEMS)
+                                       + [_store._END, _store._COMPLETE])
     done = _copy(complete, root / "done")
-    os.truncate(_log(done), recs[-1][0])
+    os.truncate(_log(done), recs[-2][0])
     fail = root / "fail"
     assert run(ITEMS + [BAD], fail, root / "l2", errors="record") == expected(ITEMS + [BAD])
-    assert records(fail)[-1][2] == _store._FAIL
+    recs = records(fail)
+    assert [k for _, _, k in recs[-2:]] == [_store._FAIL, _store._END]
+    os.truncate(_log(fail), recs[-1][0])
     return {"complete": complete, "done": done, "fail": fail}
 
 

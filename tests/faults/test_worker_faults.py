@@ -485,3 +485,103 @@ def test_last_line_without_newline_is_kept(tmp_path):
     nbmplock.mp_lock(items, chatty, None, 1, str(out), shared_data={"partial": True},
                      verbose=False)
     assert "only-one has no newline at the end" in output_log(out)
+
+
+# -- what process starts, and who ends a worker (issues 12 case 6, 13 items 3-4) --
+
+def _starts_children(item, shared, init_values):
+    """Start a ``sleep`` and an ``os.fork`` child that outlive the call, note their pids."""
+    import subprocess
+
+    pids = [subprocess.Popen(["sleep", "37"]).pid]
+    child = os.fork()
+    if child == 0:  # a grandchild that would live on
+        try:
+            time.sleep(37)
+        finally:
+            os._exit(0)
+    pids.append(child)
+    with open(os.path.join(shared["dir"], f"{item}.pids"), "w") as f:
+        json.dump(pids, f)
+    if item == "slow":
+        subprocess.Popen(["sleep", "38"]).wait()  # the item_timeout kills it with the worker
+    return item
+
+
+def _grandchildren(tmp_path) -> list[int]:
+    pids = []
+    for path in tmp_path.glob("*.pids"):
+        pids += json.loads(path.read_text())
+    return pids
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_processes_started_by_process_do_not_outlive_the_item_or_the_job(tmp_path, start_method):
+    """Once: after item_timeout=1 'sleep 26' kept running, and grandchildren outlived the job."""
+    summary = nbmplock.mp_lock(["a", "slow", "b"], _starts_children, None, 2,
+                               str(tmp_path / "out"), verbose=False, errors="record",
+                               item_timeout=1, shared_data={"dir": str(tmp_path)},
+                               start_method=start_method)
+    assert [f.kind for f in summary.failures] == ["timeout"]
+    pids = _grandchildren(tmp_path)
+    assert len(pids) == 6
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    assert not [p for p in pids if alive(p)], "a process started by process() outlived the job"
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if (p.info["cmdline"] or [None])[:2] == ["sleep", "38"]]
+    assert not left, "the timed-out item's subprocess was not killed with its worker"
+    FIGURES.add("faults_injected", 3)
+
+
+def _pool_inside(item, shared, init_values):
+    import multiprocess
+
+    with multiprocess.Pool(2) as pool:
+        return sum(pool.map(abs, [-1, -2, int(item)]))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_a_pool_inside_process_works(tmp_path, start_method):
+    """Issue 13, item 4: workers are daemonic, yet process may start its own pool."""
+    values = nbmplock.mp_lock_value(["3", "4"], _pool_inside, None, 2, str(tmp_path / "out"),
+                                    verbose=False, start_method=start_method)
+    assert values == [6, 7]
+
+
+def _pid_then_sleep(item, shared, init_values):
+    with open(os.path.join(shared["dir"], f"w{os.getpid()}"), "w"):
+        pass
+    time.sleep(0.02)
+    return item
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_worker_ended_from_outside_stops_the_run_without_failures(tmp_path, sig):
+    """A kernel shutdown SIGTERMs the kernel's children: a stop, not the item's fault.
+
+    Once: each was recorded as a failure of its item and a replacement worker started.
+    """
+    job = nbmplock.Job([f"t{i}" for i in range(2000)], _pid_then_sleep, str(tmp_path / "out"),
+                       num_procs=2, shared_data={"dir": str(tmp_path)})
+    job.start()
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("w*"))) < 2:
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.01)
+    victim = int(sorted(tmp_path.glob("w*"))[0].name[1:])
+    os.kill(victim, sig)
+    assert job.wait(30), "the job did not end"
+    assert job.state is nbmplock.JobState.STOPPED, (job.state, job.error)
+    assert job.failures == () and job.progress.failed == 0
+    assert any(signal.Signals(sig).name in note for note in job.notes), job.notes
+    assert len(list(tmp_path.glob("w*"))) == 2, "a replacement worker was started"
+    snap = nbmplock.read_snapshot(str(tmp_path / "out"))
+    assert snap.failures == () and snap.last_end["status"] == "stopped"
+    job.resume()
+    assert job.wait(60) and job.state is nbmplock.JobState.FINISHED
+    FIGURES.add("faults_injected")
