@@ -283,6 +283,8 @@ class DaskBackend:
         return {"dask": self._items_in_flight} if self._items_in_flight else {}
 
     def wakeup(self) -> None:
+        # Invariant (no lost wake-up): the queue is level-triggered, like the
+        # local backend's pipe; done callbacks put their future the same way.
         self._done.put(_WAKE)
 
     def request_stop(self) -> None:

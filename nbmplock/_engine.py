@@ -284,6 +284,11 @@ class LocalBackend:
         return {w.label: sum(len(c.items) for c in w.chunks) for w in self._workers.values()}
 
     def wakeup(self) -> None:
+        # Thread-safe. Invariant (no lost wake-up): the wake pipe is level-
+        # triggered; a byte written stays readable until wait() drains it, and
+        # callers change the state they signal (a stop request, ``sending``,
+        # the saver's queue) before they write, while the manager reads that
+        # state after every wait. A full pipe (EAGAIN) is already readable.
         # Under the lock: after shutdown the descriptor number may belong to
         # another file (the run log!), and a stray byte there would corrupt it.
         with self._wake_lock:

@@ -204,6 +204,10 @@ class _RunEnd:
         self._waiters = []
         self.ended = False
 
+    # Invariant (no lost wake-up): end() sets ``ended`` before it copies the
+    # waiter list, and a waiter appends its lock before it reads ``ended``. So
+    # a waiter either is in the copy (and released) or reads ``ended`` True
+    # (and does not block). begin() runs before the job's thread starts.
     def end(self) -> None:
         self.ended = True
         for lock in list(self._waiters):

@@ -225,7 +225,9 @@ class MplockMagics(Magics):
             _store_results(job, user_ns, var)
 
     def _wait(self, job: Job, into: str | None) -> None:
-        while not job.wait(0.5):  # short waits: Ctrl-C is seen at once
+        # job.wait is _RunEnd's (safe under Ctrl-C, no lost wake-up); short
+        # waits keep the kernel's interrupt prompt.
+        while not job.wait(0.5):
             pass
         if job.state is JobState.FAILED and job.error is not None:
             raise job.error

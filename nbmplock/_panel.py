@@ -268,6 +268,11 @@ class Panel(widgets.VBox):
                 self._pending, self._pending_output = None, False
                 self._apply(event.progress, output=output)
 
+    # Invariant (the last numbers always show): under ``_lock``, an event inside
+    # the throttle window stores itself as ``_pending`` and makes sure a timer
+    # exists; the timer clears ``_timer`` and applies ``_pending`` under the
+    # same lock. So a pending progress is applied by that timer or by a later
+    # event, and a state event applies at once and clears it.
     def _flush(self) -> None:
         with self._lock:
             self._timer = None

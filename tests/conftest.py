@@ -33,6 +33,24 @@ def no_orphans(request):
         pytest.fail(f"child processes left behind: {names}")
 
 
+@pytest.fixture(autouse=True)
+def hung_jobs_explain_themselves(monkeypatch):
+    """A ``job.wait(timeout)`` of 10 s or more that returns False is a hang:
+    print every thread's stack before the test's assertion fails on it."""
+    import nbmplock
+
+    real_wait = nbmplock.Job.wait
+
+    def wait(self, timeout=None):
+        ended = real_wait(self, timeout)
+        if not ended and timeout is not None and timeout >= 10:
+            helpers.dump_stacks(f"job on {self.out_path!r} still {self.state.value} "
+                                f"after wait({timeout})")
+        return ended
+
+    monkeypatch.setattr(nbmplock.Job, "wait", wait)
+
+
 @pytest.fixture
 def default_sigint():
     """For a test that sends SIGINT to this process: Python's KeyboardInterrupt

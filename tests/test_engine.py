@@ -188,10 +188,24 @@ def _driver(tmp_path, body: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _communicate(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc.communicate``; a driver that hangs prints every thread's stack first."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # faulthandler in the driver dumps its stacks
+        time.sleep(0.5)
+        proc.kill()
+        stdout, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"the driver hung for {timeout} s; its stacks:\n{stderr[-20000:]}")
+
+
 DRIVER = """
     import os, signal, sys, time, json
     # SIGINT may be inherited ignored (started in the background): set the default.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hang explains itself
     import nbmplock
     OUT = {out!r}
     def process(item, shared, init):
@@ -235,7 +249,7 @@ def test_sigkill_of_the_driver_then_resume(tmp_path):
     with open(os.path.join(out, "processed.txt"), "w"):
         pass
     proc = _driver(tmp_path, DRIVER.format(out=out, n=n))
-    stdout, stderr = proc.communicate(timeout=100)
+    stdout, stderr = _communicate(proc, 100)
     assert stdout == "complete", stderr
     rerun = open(os.path.join(out, "processed.txt")).read().splitlines()
     assert not set(rerun) & done_at_kill  # nothing recorded done ran again
@@ -256,7 +270,7 @@ def test_ctrl_c_stops_quickly_leaves_no_children_and_resumes(tmp_path):
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=20)
+    stdout, stderr = _communicate(proc, 20)
     assert proc.returncode != 0
     assert "KeyboardInterrupt" in stderr and "Run the same call again to resume" in stderr
     gone, alive = psutil.wait_procs(children, timeout=5)

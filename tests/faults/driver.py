@@ -168,6 +168,10 @@ def main(cfg: dict) -> int:
     # runners), a process inherits SIGINT ignored and Python installs no
     # KeyboardInterrupt handler: the Ctrl-C tests need the default one.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A hang must explain itself: the test sends SIGUSR1 before it kills a driver
+    # that did not end in time, and every thread's stack lands in its stderr file.
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     import nbmplock
 
     if cfg.get("child_start_delay"):

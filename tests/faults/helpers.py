@@ -132,8 +132,9 @@ class Driver:
         while b"\n" not in buf:
             left = deadline - time.monotonic()
             if left <= 0:
+                self.dump_stacks()
                 self.kill()
-                raise AssertionError(f"driver not ready after {timeout} s: {self.stderr()}")
+                raise AssertionError(f"driver not ready after {timeout} s: {self.stderr(20_000)}")
             ready, _, _ = select.select([fd], [], [], left)
             if ready:
                 chunk = os.read(fd, 4096)
@@ -161,13 +162,19 @@ class Driver:
     def finish(self, timeout: float) -> int:
         rc = self.wait(timeout)
         if rc is None:
+            self.dump_stacks()
             self.kill()
-            raise AssertionError(f"driver hung for {timeout} s: {self.stderr()}")
+            raise AssertionError(f"driver hung for {timeout} s: {self.stderr(20_000)}")
         return rc
 
-    def stderr(self) -> str:
+    def dump_stacks(self) -> None:
+        """Every thread's stack of the driver into its stderr file (SIGUSR1, see driver)."""
+        self.signal(signal.SIGUSR1)
+        time.sleep(0.5)
+
+    def stderr(self, limit: int = 4000) -> str:
         try:
-            return self.stderr_path.read_text("utf-8", "replace")[-4000:]
+            return self.stderr_path.read_text("utf-8", "replace")[-limit:]
         except OSError:
             return ""
 
