@@ -136,7 +136,10 @@ class Backend(Protocol):
 
 
 def make_backend_factory(options):
-    """A function ``(payload, store) -> Backend`` for ``options.backend``.
+    """A function ``(payload, store, units) -> Backend`` for ``options.backend``.
+
+    ``units`` is how many units of work (items, or batches) the run has to do:
+    the local backend starts no more workers than that.
 
     It may have a ``check(payload)`` attribute, called before the run directory
     is touched, that raises if the payload cannot reach the workers.
@@ -144,9 +147,10 @@ def make_backend_factory(options):
     if options.backend is None:
         serialized: dict = {}
 
-        def local(payload: WorkPayload, store):
+        def local(payload: WorkPayload, store, units: int):
             from ._engine import LocalBackend
-            return LocalBackend(payload, workers=options.num_procs or os.cpu_count() or 1,
+            workers = min(options.num_procs or os.cpu_count() or 1, max(1, units))
+            return LocalBackend(payload, workers=workers,
                                 start_method=options.start_method,
                                 item_timeout=options.item_timeout,
                                 close_fds=store.private_fds(),
@@ -161,7 +165,7 @@ def make_backend_factory(options):
         local.check = check
         return local
 
-    def dask(payload: WorkPayload, store):
+    def dask(payload: WorkPayload, store, units: int):
         from ._dask import DaskBackend
         return DaskBackend(payload, options.backend, workers=options.num_procs,
                            item_timeout=options.item_timeout)

@@ -17,6 +17,7 @@ import os
 import sys
 
 from ._store import STATE_DIR, read_snapshot, repair
+from ._text import clip, short_repr
 
 
 def _when(ts: float | None) -> str:
@@ -57,7 +58,8 @@ def status(out_path: str, last: int, out) -> int:
     if snap.failures and last:
         out.write(f"\nlast {min(last, len(snap.failures))} failures:\n")
         for f in snap.failures[-last:]:
-            out.write(f"  {f.item!r:.60}  {f.summary():.120}  (attempts {f.attempts})\n")
+            out.write(f"  {short_repr(f.item, 60)}  {clip(f.summary(), 120)}  "
+                      f"(attempts {f.attempts})\n")
     return 0
 
 
@@ -67,7 +69,8 @@ def failures(out_path: str, out) -> int:
         out.write("no failures recorded\n")
         return 0
     for f in snap.failures:
-        out.write(f"=== {f.item!r}  [{f.kind}, attempts {f.attempts}, {_when(f.time)}]\n")
+        out.write(f"=== {short_repr(f.item, 2000)}  [{f.kind}, attempts {f.attempts}, "
+                  f"{_when(f.time)}]\n")
         out.write(f"{f.summary()}\n")
         if f.traceback:
             out.write(f.traceback.rstrip() + "\n")
@@ -128,6 +131,24 @@ def demo(out_path: str, n_items: int, out) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; output that cannot be encoded (a lone surrogate in an item,
+    ``LANG=C``) is escaped, and a closed pipe (``| head``) ends it quietly."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):  # not a TextIOWrapper (a test's StringIO)
+            pass
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (``| head``): no traceback. Point stdout at
+        # /dev/null so that the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nbmplock",
                                      description="Inspect an nbmplock run directory.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "failures":
             return failures(args.out_path, out)
         kept = repair(args.out_path)
-        out.write(f"repaired: kept {kept} readable records\n")
+        dropped = (f"{kept.damaged:,} damaged part(s) of the log dropped (their items are "
+                   "not done and run again)") if kept.damaged else "nothing was damaged"
+        out.write(f"repaired: {len(kept.done):,} items done and {len(kept.failures):,} failed "
+                  f"are kept; {dropped}\n")
         return 0
+    except BrokenPipeError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not dump a traceback
         sys.stderr.write(f"nbmplock: {type(exc).__name__}: {exc}\n")
         return 1

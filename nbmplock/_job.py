@@ -587,6 +587,8 @@ class Job:
             panel = Panel(self)
         except ImportError:
             return {"text/plain": text}
+        if self.state.active:  # the text of an exported notebook is frozen at this moment
+            text += " (live panel: open the notebook in Jupyter)"
         bundle = panel._repr_mimebundle_(include=include, exclude=exclude) or {}
         if isinstance(bundle, tuple):
             bundle = bundle[0]

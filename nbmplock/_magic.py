@@ -111,6 +111,8 @@ class MplockMagics(Magics):
               help="retry a failing item up to N times")
     @argument("--timeout", type=float, default=None, metavar="SECONDS",
               help="fail an item that runs longer than this (its worker is killed)")
+    @argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None,
+              help="how worker processes start (default: the platform's)")
     @argument("--backend", default=None, metavar="ADDRESS",
               help="Dask scheduler address, or the name of a distributed.Client variable")
     @argument("--into", default=None, metavar="VAR",
@@ -161,7 +163,8 @@ class MplockMagics(Magics):
                 kwargs[key] = self._evaluate(f"--{option}", _unquote(expr))
         for option, key in (("procs", "num_procs"), ("save_batch", "save_batch"),
                             ("batch", "batch_size"), ("errors", "errors"),
-                            ("retries", "max_retries"), ("timeout", "item_timeout")):
+                            ("retries", "max_retries"), ("timeout", "item_timeout"),
+                            ("start_method", "start_method")):
             value = getattr(args, option)
             if value is not None:
                 kwargs[key] = value
@@ -175,9 +178,13 @@ class MplockMagics(Magics):
             shell.user_ns[job_var] = job
             if into is not None:
                 self._deliver_into(job, into)
-            display(job)
+            handle = display(job, display_id=True)
             if args.wait:
                 self._wait(job, into)
+                if handle is not None:
+                    # What an exported notebook (nbconvert, nbval) keeps: the final
+                    # status, not the "running, 0/12 done" of the moment it started.
+                    handle.update(job)
         except KeyboardInterrupt:
             self._interrupted(job, job_var)
             raise  # an interrupted cell stays interrupted: "Run all" stops here

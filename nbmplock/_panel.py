@@ -39,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 
 from ._job import Event, Job, JobState, Progress
 from ._store import Failure
+from ._text import clip, short_repr
 
 MIN_INTERVAL = 0.1
 MAX_FAILURE_ROWS = 100
@@ -103,10 +104,6 @@ def function_name(fn: Callable) -> str:
         or type(fn).__qualname__
 
 
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
 def failures_html(failures: Iterable[Failure], total_failed: int | None = None) -> str:
     """An escaped HTML table of the last :data:`MAX_FAILURE_ROWS` of ``failures``.
 
@@ -122,12 +119,12 @@ def failures_html(failures: Iterable[Failure], total_failed: int | None = None) 
     rows = []
     for f in shown:
         first_line = f.message.splitlines()[0] if f.message else ""
-        summary = esc(_clip(first_line, _MESSAGE_CHARS)) or "<i>(no message)</i>"
+        summary = esc(clip(first_line, _MESSAGE_CHARS)) or "<i>(no message)</i>"
         detail = esc(f.traceback or f.summary())
         attempts = f" (attempts {f.attempts})" if f.attempts > 1 else ""
         rows.append(
             "<tr>"
-            f'<td title="{esc(_clip(f.item, 2000))}"><code>{esc(_clip(repr(f.item), _ITEM_CHARS))}'
+            f'<td title="{esc(short_repr(f.item, 2000))}"><code>{esc(short_repr(f.item, _ITEM_CHARS))}'
             "</code></td>"
             f"<td>{esc(f.exc_type)}{esc(attempts)}</td>"
             f"<td><details><summary>{summary}</summary>"

@@ -7,11 +7,18 @@ output is written above the bar with ``tqdm.write`` so it never garbles it.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 from tqdm.auto import tqdm
 
 from ._job import Event, Job
+
+
+#: Lines of worker output written to the terminal per second, at most; the rest
+#: are counted and named in one line (every line is in the run's output.log).
+MAX_LINES_PER_SECOND = 100
 
 
 class TqdmObserver:
@@ -23,6 +30,10 @@ class TqdmObserver:
                          desc="nbmplock", file=file, smoothing=0.1)
         self._file = file
         self._show_output = show_output
+        self._log_path = os.path.join(job.out_path, ".nbmplock", "output.log")
+        self._window = 0.0  # start of the current second
+        self._shown = 0     # lines written in it
+        self._hidden = 0    # lines not written since the last note
         self._failed = -1
         self._set_failed(p.failed)
         self._unsubscribe = job.subscribe(self._on_event)
@@ -32,15 +43,35 @@ class TqdmObserver:
             self._failed = failed
             self._bar.set_postfix(failed=failed, refresh=False)
 
+    def _write_output(self, lines) -> None:
+        """One write per event (tqdm redraws the bar once), at most
+        :data:`MAX_LINES_PER_SECOND` lines a second; a chatty job is not slowed
+        down by the terminal."""
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._window, self._shown = now, 0
+        room = max(0, MAX_LINES_PER_SECOND - self._shown)
+        shown = list(lines[:room])
+        self._hidden += len(lines) - len(shown)
+        if self._hidden and (room > len(shown) or not shown):
+            shown.append(f"[nbmplock: {self._hidden:,} more lines of worker output not "
+                          f"shown here; every line is in {self._log_path}]")
+            self._hidden = 0
+        if shown:
+            self._shown += len(shown)
+            self._bar.write("\n".join(shown), file=self._file or sys.stdout)
+
     def _on_event(self, event: Event) -> None:
         p = event.progress
-        if self._show_output and event.output:
-            for line in event.output:
-                self._bar.write(line, file=self._file or sys.stdout)
+        if self._show_output and (event.output or self._hidden):
+            self._write_output(event.output)
         self._set_failed(p.failed)
         if p.done != self._bar.n:
             self._bar.update(p.done - self._bar.n)
 
     def close(self) -> None:
         self._unsubscribe()
+        if self._hidden:
+            self._window = 0.0
+            self._write_output(())
         self._bar.close()

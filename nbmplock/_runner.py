@@ -21,7 +21,6 @@ import inspect
 import logging
 import marshal
 import os
-import pickle
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -31,7 +30,9 @@ from itertools import filterfalse
 from ._backend import Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput, WorkPayload
 from ._errors import (ItemTimeoutError, RemoteTraceback, RunDirectoryLostError, RunLockedError,
                       SerializationError, WorkerDiedError, WorkerInitError, add_note)
+from ._remote import rebuild_exception
 from ._saver import Saver, abandoned_call
+from ._text import short_repr
 from ._store import Failure, Fingerprint, RunStore, read_fingerprint
 from ._validate import Spec
 
@@ -289,7 +290,9 @@ class Runner:
         return "; ".join(parts + self._notes)
 
     def _loop(self) -> None:
-        self._backend = backend = self._backend_factory(self._payload, self.store)
+        unit = self.opts.batch_size or 1
+        self._backend = backend = self._backend_factory(self._payload, self.store,
+                                                        -(-self.counters.to_do // unit))
         cap = getattr(backend, "max_task_bytes", MAX_CHUNK_BYTES)
         self._bytes_cap = max(1, int(cap / self._avg_item_bytes))
         backend.start()
@@ -490,7 +493,7 @@ class Runner:
         elif isinstance(event, ChunksLost):
             self._chunks_lost(event)
         elif isinstance(event, InitFailed):
-            cause = _rebuild(event.exc_type, event.message, event.traceback, event.exc_bytes)
+            cause = rebuild_exception(event.exc_type, event.message, event.traceback, event.exc_bytes)
             error = WorkerInitError(f"init_function raised in worker {event.worker}: "
                                     f"{event.exc_type}: {event.message}")
             error.__cause__ = cause
@@ -589,18 +592,18 @@ class Runner:
         return failure
 
     def _exception_for(self, f: Failure, exc_bytes: bytes | None) -> BaseException:
-        where = (f"nbmplock: on item {f.item!r:.300}; finished items are recorded in "
+        where = (f"nbmplock: on item {short_repr(f.item, 300)}; finished items are recorded in "
                  f"{self.spec.out_path!r}, run the same call again to resume")
         if f.kind == "died":
-            return WorkerDiedError(f"{f.message}, while processing item {f.item!r:.300}",
+            return WorkerDiedError(f"{f.message}, while processing item {short_repr(f.item, 300)}",
                                    f.item, f.exitcode)
         if f.kind == "timeout":
-            return ItemTimeoutError(f"item {f.item!r:.300}: {f.message}", f.item)
+            return ItemTimeoutError(f"item {short_repr(f.item, 300)}: {f.message}", f.item)
         if f.kind == "unpicklable":
             exc = SerializationError(f.message)
             exc.__cause__ = RemoteTraceback(f.traceback)
             return exc
-        exc = _rebuild(f.exc_type, f.message, f.traceback, exc_bytes)
+        exc = rebuild_exception(f.exc_type, f.message, f.traceback, exc_bytes)
         add_note(exc, where)
         return exc
 
@@ -682,17 +685,3 @@ class Runner:
                     self.store.close()
                 finally:
                     self._publish(force=True)
-
-
-def _rebuild(exc_type: str, message: str, tb: str, exc_bytes: bytes | None) -> BaseException:
-    """The worker's exception with its own type, the remote traceback as cause."""
-    exc: BaseException | None = None
-    if exc_bytes is not None:
-        try:
-            exc = pickle.loads(exc_bytes)
-        except Exception:
-            exc = None
-    if exc is None:
-        exc = RuntimeError(f"{exc_type}: {message}")
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc

@@ -15,6 +15,7 @@ from ._errors import InvalidArgumentsError
 from ._job import Job, RunSummary
 from ._runner import StopMode, items_hash
 from ._store import read_complete, read_contents
+from ._text import clip, short_repr
 from ._validate import check_items, check_out_path, positive_int
 
 log = logging.getLogger("nbmplock")
@@ -60,7 +61,8 @@ def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, 
     if job.error is not None:
         raise job.error
     for failure in job.failures[-5:]:
-        log.warning("nbmplock: item %r failed: %s", failure.item, failure.summary())
+        log.warning("nbmplock: item %s failed: %s", short_repr(failure.item),
+                    clip(failure.summary(), 300))
     return job
 
 

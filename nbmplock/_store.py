@@ -141,6 +141,7 @@ class Contents:
     complete: tuple | None = None
     # How the last run that recorded its end ended: {"status", "reason", "time", "pid"}.
     last_end: dict | None = None
+    damaged: int = 0  # damaged stretches skipped (only with skip_damaged)
 
 
 def read_complete(out_path: str) -> tuple[str, int, int] | None:
@@ -237,6 +238,7 @@ def scan(data: bytes, *, results: bool, names: bool = True,
     failures: dict = {}
     pos, records, n = 0, 0, len(buf)
     last_end = None
+    damaged = 0
     while pos < n:
         end = _valid_at(buf, pos)
         if end is None:
@@ -250,6 +252,7 @@ def scan(data: bytes, *, results: bool, names: bool = True,
                     "`python -m nbmplock repair OUT_PATH` to keep every readable record "
                     "(items of the damaged one will run again).")
             log.warning("skipping a damaged log record at bytes %d-%d", pos, following)
+            damaged += 1
             pos = following
             continue
         _magic, kind, flags, _length, _crc = _HEADER.unpack_from(buf, pos)
@@ -274,7 +277,8 @@ def scan(data: bytes, *, results: bool, names: bool = True,
         pos = end
     for item in [k for k in failures if k in done]:
         del failures[item]
-    return Contents(done, res, failures, records, pos, n - pos, last_end=last_end)
+    return Contents(done, res, failures, records, pos, n - pos, last_end=last_end,
+                    damaged=damaged)
 
 
 def _read_log(path: str) -> bytes:
@@ -661,10 +665,12 @@ def _compact(log_path: str, contents: Contents) -> None:
         os.close(dir_fd)
 
 
-def repair(out_path: str) -> int:
-    """Rewrite the log keeping every readable record; returns how many were kept.
+def repair(out_path: str) -> Contents:
+    """Rewrite the log keeping every readable record; returns what it kept.
 
-    Refuses while a live run holds the directory.
+    ``len(result.done)`` items done and ``len(result.failures)`` failed are
+    kept; ``result.damaged`` damaged stretches were dropped (their items run
+    again). Refuses while a live run holds the directory.
     """
     holder = lock_holder(out_path)
     if holder is not None:
@@ -672,4 +678,4 @@ def repair(out_path: str) -> int:
     path = os.path.join(state_dir(out_path), "log")
     contents = scan(_read_log(path), results=True, skip_damaged=True)
     _compact(path, contents)
-    return contents.records
+    return contents

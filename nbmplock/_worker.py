@@ -41,11 +41,12 @@ import pickle
 import signal
 import sys
 import time
-import traceback
 import types
 from typing import Any
 
 import dill
+
+from ._remote import describe_exception
 
 _PR_SET_PDEATHSIG = 1
 
@@ -56,17 +57,6 @@ def dumps(obj: Any) -> bytes:
         return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
-
-
-def describe_exception(exc: BaseException) -> tuple[str, str, str, bytes | None]:
-    """(type name, message, formatted traceback, pickled exception or None)."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        exc_bytes = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-        pickle.loads(exc_bytes)
-    except Exception:
-        exc_bytes = None
-    return type(exc).__qualname__, str(exc), tb, exc_bytes
 
 
 def _die_with_parent(parent_pid: int | None) -> None:

@@ -46,3 +46,37 @@ def test_status_during_a_live_run(tmp_path):
 def test_not_a_run_directory(tmp_path):
     result = _cli("status", str(tmp_path))
     assert result.returncode == 2 and "not an nbmplock run directory" in result.stderr
+
+
+def _fail_all(item, shared_data, init_values):
+    raise ValueError("no")
+
+
+def test_failures_of_odd_and_huge_items_print_under_any_locale_and_into_head(tmp_path):
+    """Issue 13, item 6: a lone surrogate crashed the CLI (also under LANG=C), piping
+    into head raised BrokenPipeError, and a 1 MB item was printed whole."""
+    import os
+
+    out = str(tmp_path)
+    items = ["lone \ud800 surrogate", "x" * 1_000_000] + [f"f{n}" for n in range(3000)]
+    Job(items, _fail_all, out, num_procs=2).start().wait()
+    for env in ({}, {"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": ""}):
+        result = subprocess.run([sys.executable, "-m", "nbmplock", "failures", out],
+                                capture_output=True, env={**os.environ, **env}, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert b"\\ud800" in result.stdout and len(result.stdout) < 3_000_000
+        assert b"x" * 3000 not in result.stdout
+    piped = subprocess.run(f"{sys.executable} -m nbmplock failures {out} | head -3",
+                           shell=True, capture_output=True, timeout=60)
+    assert piped.returncode == 0 and piped.stderr == b"", piped.stderr
+    status = _cli("status", out)
+    assert status.returncode == 0 and "x" * 100 not in status.stdout
+
+
+def test_repair_reports_items_not_records(tmp_path):
+    out = str(tmp_path)
+    Job([f"r{n}" for n in range(30)], helpers.fail_on_seven, out, num_procs=1).start().wait()
+    first = _cli("repair", out)
+    second = _cli("repair", out)
+    assert first.stdout == second.stdout == (
+        "repaired: 27 items done and 3 failed are kept; nothing was damaged\n")

@@ -327,3 +327,21 @@ def test_no_fork_warning_from_worker_starts(tmp_path):
         assert mp_lock_value(ITEMS[:8], lambda i, s, x: i, None, 2, str(tmp_path / "o"),
                              verbose=False, start_method="fork") == ITEMS[:8]
     assert not [w for w in caught if "fork" in str(w.message)], [str(w.message) for w in caught]
+
+
+def _pid(item, shared_data, init_values):
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_no_more_workers_than_units_of_work(tmp_path):
+    """Issue 13, item 7: num_procs=64 for 3 items started 64 workers (8 s under spawn)."""
+    pids = mp_lock_value(["a", "b", "c"], _pid, None, 64, str(tmp_path / "a"), verbose=False)
+    assert len(set(pids)) <= 3
+    started = []
+    job = nbmplock.Job(["a", "b", "c", "d", "e"], _pid, str(tmp_path / "b"), num_procs=64,
+                       batch_size=2)
+    job.subscribe(lambda e: started.append(len(e.progress.in_flight_by_worker)))
+    job.start()
+    assert job.wait(30)
+    assert max(started) <= 3  # 3 batches of 2: at most 3 workers

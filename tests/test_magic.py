@@ -242,3 +242,29 @@ def test_help_explains_the_magic(ip):
     for text in ("%%mplock", "--out OUT_PATH", "--into VAR", "--wait", "Example",
                  "def process(item, shared_data, init_values)"):
         assert text in doc
+
+
+def test_start_method_option_and_static_output_of_a_waited_cell(ip, tmp_path, monkeypatch):
+    """Issue 13, item 10: no --start-method; an exported notebook kept 'running, 0/12 done'."""
+    from nbmplock import _magic
+
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(("update", obj.status_text(), obj._repr_mimebundle_()["text/plain"]))
+
+    def display(obj, display_id=None):
+        shown.append(("display", obj._repr_mimebundle_()["text/plain"]))
+        return Handle()
+
+    monkeypatch.setattr(_magic, "display", display)
+    ip.run_cell_magic("mplock", f"items --out {tmp_path / 'run'} --procs 2 "
+                      "--start-method fork --wait",
+                      "def process(item, shared_data, init_values):\n    return item\n")
+    job = ip.user_ns["mplock_job"]
+    assert job.spec.options.start_method == "fork" and job.state is JobState.FINISHED
+    (kind, first), (kind2, final_status, final_text) = shown
+    assert kind == "display" and "live panel: open the notebook in Jupyter" in first
+    assert kind2 == "update" and "finished" in final_status and "50/50 done" in final_text
+    assert "live panel" not in final_text

@@ -232,3 +232,29 @@ def test_worker_output_is_captured_with_worker_prefix(tmp_path):
     for item in "abc":
         assert f"out {item}" in text and f"err {item}" in text
     assert all(line.startswith("[w") for line in text.splitlines())
+
+
+def _chatty(item, shared_data, init_values):
+    for i in range(5000):
+        print(f"{item} line {i}")
+    return item
+
+
+@pytest.mark.timeout(60)
+def test_chatty_output_is_capped_in_the_terminal_and_kept_whole_in_the_log(tmp_path, capsys):
+    """Issue 13, item 2: every line went through tqdm.write (35x slower than quiet)."""
+    import time as _time
+
+    from nbmplock import _progress
+
+    out = str(tmp_path / "run")
+    started = _time.monotonic()
+    mp_lock(["a", "b", "c", "d"], _chatty, None, 2, out, verbose=True)
+    seconds = _time.monotonic() - started
+    shown = capsys.readouterr().out.splitlines()
+    limit = _progress.MAX_LINES_PER_SECOND * (int(seconds) + 2)
+    assert 0 < len(shown) <= limit
+    assert "more lines of worker output not shown here" in shown[-1]
+    with open(os.path.join(out, ".nbmplock", "output.log"), encoding="utf-8") as f:
+        logged = f.read().splitlines()
+    assert len(logged) == 20_000 and logged[0].endswith("line 0")

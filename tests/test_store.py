@@ -71,8 +71,11 @@ def test_damage_in_the_middle_is_reported_not_skipped(tmp_path):
     with pytest.raises(StoreCorruptError):
         mp_lock(["a", "b"], helpers.echo, None, 1, out, verbose=False)
     assert open(_log(out), "rb").read() == bytes(data)  # nothing was discarded
-    assert repair(out) == 1
+    kept = repair(out)
+    assert (kept.done, kept.damaged) == ({"b"}, 1)
     assert read_contents(out).done == {"b"}
+    again = repair(out)  # issue 13, item 9: a second repair reports the same items
+    assert (again.done, again.damaged) == ({"b"}, 0)
 
 
 def test_many_small_records_are_compacted_on_open(tmp_path):

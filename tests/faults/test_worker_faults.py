@@ -585,3 +585,65 @@ def test_a_worker_ended_from_outside_stops_the_run_without_failures(tmp_path, si
     job.resume()
     assert job.wait(60) and job.state is nbmplock.JobState.FINISHED
     FIGURES.add("faults_injected")
+
+
+_MAIN_EXCEPTIONS = '''
+import signal, sys, tempfile
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import nbmplock
+
+class MyErr(Exception):
+    pass
+
+class TwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+        self.a, self.b = a, b
+
+class Unpicklable(Exception):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = __import__("threading").Lock()
+
+def raise_my(item, s, v):
+    raise MyErr("custom")
+
+def raise_two(item, s, v):
+    raise TwoArgs("x", 2)
+
+def raise_unpicklable(item, s, v):
+    raise Unpicklable("with a lock")
+
+if __name__ == "__main__":
+    method = sys.argv[1]
+    for fn, cls in ((raise_my, MyErr), (raise_two, TwoArgs), (raise_unpicklable, Unpicklable)):
+        try:
+            nbmplock.mp_lock(["a"], fn, None, 1, tempfile.mkdtemp(), verbose=False,
+                             start_method=method)
+        except cls as exc:
+            assert isinstance(exc.__cause__, nbmplock.RemoteTraceback), exc.__cause__
+            assert "raise" in exc.__cause__.tb
+            print(cls.__name__, "caught", str(exc), getattr(exc, "a", "-"))
+        except BaseException as exc:
+            print(cls.__name__, "WRONG", type(exc).__name__, exc)
+'''
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_exceptions_defined_in_main_keep_their_type(tmp_path, start_method):
+    """Issue 13, item 1: once RuntimeError('MyErr: custom') under spawn and forkserver,
+    and RuntimeError for an exception whose __init__ takes two arguments."""
+    import subprocess
+
+    script = tmp_path / "main_exceptions.py"
+    script.write_text(_MAIN_EXCEPTIONS)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, str(script), start_method], capture_output=True,
+                         text=True, timeout=100, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "MyErr caught custom -",
+        "TwoArgs caught x and 2 x",
+        "Unpicklable caught with a lock -",
+    ], out.stdout + out.stderr
