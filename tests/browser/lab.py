@@ -271,6 +271,17 @@ class JupyterServer:
     def lab_url(self, name: str) -> str:
         return f"{self.url}/lab/tree/{urllib.request.pathname2url(str(name))}?token={self.token}"
 
+    def reset_workspaces(self) -> None:
+        """Forget every saved JupyterLab workspace, so the next page opens only the
+        notebook asked for (else it restores the notebooks of earlier tests, whose
+        cells and widgets would share the page)."""
+        ids = (self.api("GET", "/lab/api/workspaces") or {}).get("workspaces", {}).get("ids", [])
+        for wid in ids:
+            try:
+                self.api("DELETE", f"/lab/api/workspaces/{urllib.request.pathname2url(wid)}")
+            except urllib.error.HTTPError:
+                pass  # already gone
+
     def notebook_url(self, name: str, ui: str = "lab") -> str:
         """URL of notebook ``name`` in JupyterLab (``ui="lab"``) or in Jupyter
         Notebook 7's interface (``ui="notebook7"``, needs the ``notebook`` package)."""
@@ -445,7 +456,9 @@ def open_notebook(page, server: JupyterServer, name: str, timeout: float = STEP_
                   ui: str = "lab") -> None:
     """Open ``name`` (relative to server.root_dir) in JupyterLab (or, ``ui="notebook7"``,
     in Jupyter Notebook 7's interface), wait for its cells, accept a kernel-selection
-    dialog if one shows, and wait for the kernel to be idle."""
+    dialog if one shows, and wait for the kernel to be idle. The page shows this notebook
+    alone: JupyterLab's saved workspaces are reset first."""
+    server.reset_workspaces()
     page.goto(server.notebook_url(name, ui), wait_until="domcontentloaded", timeout=_ms(timeout))
     wait_notebook_ready(page, name, timeout)
 
