@@ -370,15 +370,17 @@ def _reap(procs: list[psutil.Process], timeout: float) -> None:
 # --------------------------------------------------------------------------- notebooks
 
 
-def write_notebook(root_dir: str | os.PathLike, name: str, cells: list[str]) -> Path:
-    """Write an nbformat v4 notebook of code cells (python3 kernelspec) under root_dir.
+def write_notebook(root_dir: str | os.PathLike, name: str, cells: list[str],
+                   kernel: str = "python3", kernel_display: str = "Python 3 (ipykernel)") -> Path:
+    """Write an nbformat v4 notebook of code cells under root_dir, for kernel spec
+    ``kernel`` (see :meth:`JupyterServer.add_kernelspec` for others than python3).
 
     ``name`` is relative to root_dir (e.g. ``"smoke.ipynb"``). Returns its path."""
     nb = {
         "nbformat": 4,
         "nbformat_minor": 5,
         "metadata": {
-            "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
+            "kernelspec": {"name": kernel, "display_name": kernel_display,
                            "language": "python"},
             "language_info": {"name": "python"},
         },
