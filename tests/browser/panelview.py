@@ -96,3 +96,25 @@ def jsonl_names(path: str) -> list:
 def repeated(values) -> dict:
     """``{value: count}`` of the values that occur more than once."""
     return {v: n for v, n in Counter(values).items() if n > 1}
+
+
+_RENDERED = (
+    "() => { for (const o of document.querySelectorAll('.jp-OutputArea-output')) {"
+    "   const t = o.innerText || '';"
+    "   if (t.includes('Error displaying widget')) return 'error: ' + t.trim().slice(0, 300); }"
+    " const c = document.querySelector('.nbmplock-panel .nbmplock-counts');"
+    " return c && /^done \\d+ \\/ \\d+/.test(c.innerText.trim()) ? 'ok' : false; }"
+)
+
+
+def wait_panel_rendered(page, timeout: float = STEP_TIMEOUT) -> None:
+    """Wait until a panel shows its counts line; fail at once, with the page's text, if
+    a widget view failed to render instead ("Error displaying widget: model not found")."""
+    try:
+        state = page.wait_for_function(_RENDERED, timeout=timeout * 1000.0,
+                                       polling=200).json_value()
+    except Exception as e:
+        loading = page.get_by_text("Loading widget...").count()
+        raise AssertionError(f"no panel rendered within {timeout:.0f}s"
+                             + (f" ({loading} 'Loading widget...' shown)" if loading else "")) from e
+    assert state == "ok", f"the panel did not render: {state}"

@@ -67,6 +67,7 @@ from .panelview import (
     read_counts,
     repeated,
     wait_counts,
+    wait_panel_rendered,
     wait_state,
 )
 
@@ -527,6 +528,7 @@ def test_reload_page_during_run(jupyter_server, browser_page):
 
     page.reload(wait_until="domcontentloaded")
     wait_notebook_ready(page, nb)
+    wait_panel_rendered(page)
     after = wait_counts(page, 0, lambda c: c["done"] >= before["done"],
                         "the panel rendered again after the reload")
     screenshot(page, "reload-2-after")
