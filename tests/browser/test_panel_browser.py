@@ -145,6 +145,8 @@ def test_panel_stop_resume_in_browser(ui, jupyter_server, browser_page):
     write_notebook(root, NOTEBOOK, cells(run))
     open_notebook(page, jupyter_server, NOTEBOOK, ui=ui)
     t_open = time.monotonic()
+    app = page.evaluate("() => window.jupyterapp.name")
+    assert app == {"lab": "JupyterLab", "notebook7": "Jupyter Notebook"}[ui], app
     assert run_all_cells(page, name=NOTEBOOK), notebook_errors(page, NOTEBOOK)
     assert notebook_errors(page, NOTEBOOK) == []
 
