@@ -35,7 +35,30 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_makereport(item, call):
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
+    if rep.when == "call" and rep.failed:
+        _explain_failure(item, rep)
     return rep
+
+
+def _explain_failure(item, rep) -> None:
+    """A failed (or timed-out) browser test explains itself: while its kernel is still
+    there, add every kernel's (and worker's) thread stacks (py-spy) and the server log's
+    tail to the report, and keep them in artifacts/<test>-stacks.txt. (The page's
+    screenshot and console are kept by ``browser_page``.) Expected failures (xfail) skip
+    this: ``rep.failed`` is false for them."""
+    server = item.funcargs.get("jupyter_server") if hasattr(item, "funcargs") else None
+    if server is None or server.proc is None:
+        return
+    try:
+        text = lab.server_diagnostics(server)
+    except Exception as e:  # diagnostics must never hide the failure itself
+        text = f"(diagnostics failed: {e!r})"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.name)
+    try:
+        (lab.artifacts_dir() / f"{stem}-stacks.txt").write_text(text)
+    except OSError:
+        pass
+    rep.sections.append(("kernel stacks (py-spy) and server log", text))
 
 
 def _require_browser():

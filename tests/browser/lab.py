@@ -130,6 +130,9 @@ class JupyterServer:
             f"--IdentityProvider.token={self.token}",
             f"--ServerApp.root_dir={self.root_dir}",
             "--expose-app-in-browser",
+            # Notebook 7's interface (/notebooks/<nb>, when `notebook` is installed) has
+            # its own switch for window.jupyterapp; unused otherwise.
+            "--JupyterNotebookApp.expose_app_in_browser=True",
             "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",
@@ -268,6 +271,75 @@ class JupyterServer:
     def lab_url(self, name: str) -> str:
         return f"{self.url}/lab/tree/{urllib.request.pathname2url(str(name))}?token={self.token}"
 
+    def reset_workspaces(self) -> None:
+        """Forget every saved JupyterLab workspace, so the next page opens only the
+        notebook asked for (else it restores the notebooks of earlier tests, whose
+        cells and widgets would share the page)."""
+        ids = (self.api("GET", "/lab/api/workspaces") or {}).get("workspaces", {}).get("ids", [])
+        for wid in ids:
+            try:
+                self.api("DELETE", f"/lab/api/workspaces/{urllib.request.pathname2url(wid)}")
+            except urllib.error.HTTPError:
+                pass  # already gone
+
+    def notebook_url(self, name: str, ui: str = "lab") -> str:
+        """URL of notebook ``name`` in JupyterLab (``ui="lab"``) or in Jupyter
+        Notebook 7's interface (``ui="notebook7"``, needs the ``notebook`` package)."""
+        if ui == "lab":
+            return self.lab_url(name)
+        if ui == "notebook7":
+            quoted = urllib.request.pathname2url(str(name))
+            return f"{self.url}/notebooks/{quoted}?token={self.token}"
+        raise ValueError(f"unknown ui {ui!r}: 'lab' or 'notebook7'")
+
+    @property
+    def data_dir(self) -> Path:
+        """The server's isolated JUPYTER_DATA_DIR (kernel specs go in ``kernels/``)."""
+        return self.base_dir / "data"
+
+    def add_kernelspec(self, name: str, python: str | os.PathLike, display_name: str) -> Path:
+        """Register a kernel spec ``name`` running ``python -m ipykernel_launcher`` in
+        this server's isolated data dir (read when a kernel starts: no restart needed)."""
+        d = self.data_dir / "kernels" / name
+        d.mkdir(parents=True, exist_ok=True)
+        spec = {
+            "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": display_name,
+            "language": "python",
+            "metadata": {"debugger": False},
+        }
+        (d / "kernel.json").write_text(_json.dumps(spec, indent=1))
+        return d
+
+    def kernel_processes(self) -> list[psutil.Process]:
+        """Live kernel processes this server started (its children running
+        ``ipykernel_launcher``), oldest first. Their own children are not included."""
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.Error:
+            return []
+        kernels = []
+        for c in children:
+            try:
+                if _is_alive(c) and "ipykernel_launcher" in " ".join(c.cmdline()):
+                    kernels.append(c)
+            except psutil.Error:
+                pass
+        return sorted(kernels, key=lambda c: c.create_time())
+
+    def kernel_process(self, kernel_id: str) -> psutil.Process | None:
+        """The live process of kernel ``kernel_id`` (its connection file is
+        ``kernel-<id>.json``; a restarted kernel keeps its id, so this is the newest)."""
+        tag = f"kernel-{kernel_id}.json"
+        found = None
+        for k in self.kernel_processes():
+            try:
+                if any(tag in arg for arg in k.cmdline()):
+                    found = k
+            except psutil.Error:
+                pass
+        return found
+
 
 def _is_alive(p: psutil.Process) -> bool:
     try:
@@ -298,15 +370,17 @@ def _reap(procs: list[psutil.Process], timeout: float) -> None:
 # --------------------------------------------------------------------------- notebooks
 
 
-def write_notebook(root_dir: str | os.PathLike, name: str, cells: list[str]) -> Path:
-    """Write an nbformat v4 notebook of code cells (python3 kernelspec) under root_dir.
+def write_notebook(root_dir: str | os.PathLike, name: str, cells: list[str],
+                   kernel: str = "python3", kernel_display: str = "Python 3 (ipykernel)") -> Path:
+    """Write an nbformat v4 notebook of code cells under root_dir, for kernel spec
+    ``kernel`` (see :meth:`JupyterServer.add_kernelspec` for others than python3).
 
     ``name`` is relative to root_dir (e.g. ``"smoke.ipynb"``). Returns its path."""
     nb = {
         "nbformat": 4,
         "nbformat_minor": 5,
         "metadata": {
-            "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
+            "kernelspec": {"name": kernel, "display_name": kernel_display,
                            "language": "python"},
             "language_info": {"name": "python"},
         },
@@ -380,10 +454,20 @@ def _safe_status(page, name):
         return f"? ({e!r})"
 
 
-def open_notebook(page, server: JupyterServer, name: str, timeout: float = STEP_TIMEOUT) -> None:
-    """Open ``name`` (relative to server.root_dir) in JupyterLab, wait for its cells,
-    accept a kernel-selection dialog if one shows, and wait for the kernel to be idle."""
-    page.goto(server.lab_url(name), wait_until="domcontentloaded", timeout=_ms(timeout))
+def open_notebook(page, server: JupyterServer, name: str, timeout: float = STEP_TIMEOUT,
+                  ui: str = "lab") -> None:
+    """Open ``name`` (relative to server.root_dir) in JupyterLab (or, ``ui="notebook7"``,
+    in Jupyter Notebook 7's interface), wait for its cells, accept a kernel-selection
+    dialog if one shows, and wait for the kernel to be idle. The page shows this notebook
+    alone: JupyterLab's saved workspaces are reset first."""
+    server.reset_workspaces()
+    page.goto(server.notebook_url(name, ui), wait_until="domcontentloaded", timeout=_ms(timeout))
+    wait_notebook_ready(page, name, timeout)
+
+
+def wait_notebook_ready(page, name: str, timeout: float = STEP_TIMEOUT) -> None:
+    """After a page load (or reload): wait for the notebook's cells and an idle kernel,
+    accepting a kernel-selection dialog if one shows."""
     page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=_ms(timeout))
     page.wait_for_function(
         "(path) => !!(" + _FIND_PANEL + ")(path)", arg=name, timeout=_ms(timeout), polling=200
@@ -421,9 +505,9 @@ def open_notebook(page, server: JupyterServer, name: str, timeout: float = STEP_
     )
 
 
-def run_all_cells(page, timeout: float = STEP_TIMEOUT, name: str | None = None) -> bool:
-    """Clear all outputs, run all cells and wait until execution finished and the kernel
-    is idle. Returns JupyterLab's verdict (False if a cell raised)."""
+def start_run_all(page, name: str | None = None) -> None:
+    """Clear all outputs and start "Run All" (``notebook:run-all-cells``); returns at
+    once. :func:`wait_run_all` waits for it to end."""
     page.evaluate(
         "async (path) => {"
         "  const p = (" + _FIND_PANEL + ")(path);"
@@ -438,6 +522,11 @@ def run_all_cells(page, timeout: float = STEP_TIMEOUT, name: str | None = None) 
         "}",
         name,
     )
+
+
+def wait_run_all(page, timeout: float = STEP_TIMEOUT, name: str | None = None) -> bool:
+    """Wait until the "Run All" started by :func:`start_run_all` finished (no ``[*]``
+    prompt, kernel idle). Returns JupyterLab's verdict (False if a cell raised)."""
     try:
         page.wait_for_function(
             "(path) => window.__labRunAll && window.__labRunAll.done"
@@ -454,6 +543,72 @@ def run_all_cells(page, timeout: float = STEP_TIMEOUT, name: str | None = None) 
     if res.get("error"):
         raise RuntimeError(f"notebook:run-all-cells failed: {res['error']}")
     return bool(res.get("ok"))
+
+
+def run_all_cells(page, timeout: float = STEP_TIMEOUT, name: str | None = None) -> bool:
+    """Clear all outputs, run all cells and wait until execution finished and the kernel
+    is idle. Returns JupyterLab's verdict (False if a cell raised)."""
+    start_run_all(page, name)
+    return wait_run_all(page, timeout, name)
+
+
+def kernel_id(page, name: str | None = None) -> str:
+    """The id of the notebook's kernel (a restart keeps it; the process changes)."""
+    kid = page.evaluate(
+        "(path) => { const p = (" + _FIND_PANEL + ")(path);"
+        " const k = p && p.sessionContext.session && p.sessionContext.session.kernel;"
+        " return k ? k.id : null; }",
+        name,
+    )
+    if not kid:
+        raise RuntimeError(f"no kernel for notebook {name!r}")
+    return kid
+
+
+def save_notebook(page, name: str | None = None, timeout: float = STEP_TIMEOUT) -> None:
+    """Save the notebook (outputs included) as Ctrl+S would, and wait until it is clean."""
+    page.evaluate(
+        "async (path) => { const p = (" + _FIND_PANEL + ")(path);"
+        " window.jupyterapp.shell.activateById(p.id);"
+        " await window.jupyterapp.commands.execute('docmanager:save'); }",
+        name,
+    )
+    page.wait_for_function(
+        "(path) => { const p = (" + _FIND_PANEL + ")(path); return p && !p.model.dirty; }",
+        arg=name, timeout=_ms(timeout), polling=200,
+    )
+
+
+def click_menu(page, menu: str, command: str, timeout: float = STEP_TIMEOUT) -> None:
+    """Open the menu bar's ``menu`` (its text, e.g. "Kernel") and click the entry
+    running ``command`` (its ``data-command``, e.g. "kernelmenu:restart")."""
+    page.locator(".lm-MenuBar-item").filter(has_text=_exact(menu)).first.click(
+        timeout=_ms(timeout))
+    page.locator(f'.lm-Menu li.lm-Menu-item[data-command="{command}"]').first.click(
+        timeout=_ms(timeout))
+
+
+def accept_dialog(page, timeout: float = STEP_TIMEOUT) -> str:
+    """Click the accept button of the dialog that shows; return the dialog's text."""
+    dialog = page.locator(".jp-Dialog").first
+    dialog.wait_for(state="visible", timeout=_ms(timeout))
+    text = dialog.inner_text(timeout=_ms(timeout))
+    page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept").first.click(timeout=_ms(timeout))
+    dialog.wait_for(state="detached", timeout=_ms(timeout))
+    return text
+
+
+def restart_kernel_from_menu(page, timeout: float = STEP_TIMEOUT) -> str:
+    """Kernel menu > "Restart Kernel…" and accept the dialog, as a user does.
+    Returns the dialog's text. Does not wait for the new kernel."""
+    click_menu(page, "Kernel", "kernelmenu:restart", timeout)
+    return accept_dialog(page, timeout)
+
+
+def interrupt_from_toolbar(page, timeout: float = STEP_TIMEOUT) -> None:
+    """Click the notebook toolbar's "Interrupt the kernel" button (■)."""
+    page.locator('.jp-NotebookPanel-toolbar [data-command="notebook:interrupt-kernel"]').first.click(
+        timeout=_ms(timeout))
 
 
 def notebook_outputs(page, name: str | None = None) -> list[dict]:
@@ -552,3 +707,56 @@ def screenshot(page, name: str, full_page: bool = True) -> Path:
     path = artifacts_dir() / name
     page.screenshot(path=str(path), full_page=full_page)
     return path
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def py_spy() -> str | None:
+    """The py-spy executable (the venv's, else on PATH), or None."""
+    here = Path(sys.executable).parent / "py-spy"
+    if here.exists():
+        return str(here)
+    import shutil
+
+    return shutil.which("py-spy")
+
+
+def thread_stacks(procs: list[psutil.Process], timeout: float = 20.0) -> str:
+    """Every thread's Python stack of each process (``py-spy dump``), as text.
+
+    For a test that timed out: what the kernel (and its workers) were doing. A
+    busy kernel cannot run a cell that would print its own stacks; py-spy reads
+    them from outside."""
+    exe = py_spy()
+    if exe is None:
+        return "(py-spy is not installed: pip install py-spy, to see the kernel's stacks)"
+    out = []
+    for p in procs:
+        try:
+            head = f"==== pid {p.pid}: {' '.join(p.cmdline()[:3])}"
+        except psutil.Error:
+            continue
+        try:
+            res = subprocess.run([exe, "dump", "--pid", str(p.pid)], capture_output=True,
+                                 text=True, timeout=timeout)
+            body = (res.stdout + res.stderr).strip()
+        except subprocess.TimeoutExpired:
+            body = f"(py-spy dump timed out after {timeout:.0f}s)"
+        except OSError as e:
+            body = f"(py-spy failed: {e})"
+        out.append(f"{head}\n{body}")
+    return "\n\n".join(out) or "(no kernel process)"
+
+
+def server_diagnostics(server: JupyterServer) -> str:
+    """Stacks of every kernel of the server and of their children, and the server
+    log's tail: attached to a failed browser test's report (see conftest.py)."""
+    procs: list[psutil.Process] = []
+    for k in server.kernel_processes():
+        procs.append(k)
+        try:
+            procs += [c for c in k.children(recursive=True) if _is_alive(c)]
+        except psutil.Error:
+            pass
+    return thread_stacks(procs) + "\n\n" + server.log_tail(80)

@@ -10,13 +10,17 @@
    failures table shown. That panel is the README's screenshot: ``docs/panel.png`` is
    written only when ``NBMPLOCK_UPDATE_DOCS=1`` (CI must not modify tracked files);
    copies always go to ``artifacts/``.
+
+The same test runs in JupyterLab (``ui="lab"``) and in Jupyter Notebook 7's interface
+(``ui="notebook7"``, the ``/notebooks/<nb>`` URL of the same server; needs the
+``notebook`` package, a failure in CI where a missing browser is one too). Screenshots
+are prefixed with the interface; the README's picture comes from JupyterLab.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-import re
 import shutil
 import time
 import uuid
@@ -25,16 +29,15 @@ import pytest
 
 import nbmplock
 
+from .panelview import jsonl_names, panel_css, read_counts, wait_counts, wait_state
 from .lab import (
     REPO_ROOT,
-    STEP_TIMEOUT,
     artifacts_dir,
     click_button,
     notebook_errors,
     open_notebook,
     run_all_cells,
     screenshot,
-    wait_text,
     widget_render_errors,
     write_notebook,
 )
@@ -48,18 +51,7 @@ N_DOCS = 600
 BAD_DOCS = ["doc-0517.txt", "doc-0558.txt", "doc-0583.txt"]  # late: not reached before Stop
 DOCS_RUN = "runs/embed"  # relative to the notebook (short title in the README picture)
 
-NOTEBOOK = "panel_browser.ipynb"
-
-COUNTS_RE = re.compile(
-    r"^done (\d+) / (\d+) · earlier runs (\d+) · this run (\d+) · failed (\d+)"
-    r" · in flight (\d+)$"
-)
-COUNT_KEYS = ("done", "total", "done_before", "done_now", "failed", "in_flight")
-
-# `>> nth=K` picks the K-th panel of the page (0: the 3000-item job, 1: the docs job).
-def panel_css(k: int, part: str = "") -> str:
-    return f".nbmplock-panel >> nth={k}" + (f" >> {part}" if part else "")
-
+UIS = ("lab", "notebook7")
 
 def cells(run: str) -> list[str]:
     return [
@@ -107,47 +99,6 @@ embeddings
 # --------------------------------------------------------------------------- helpers
 
 
-def parse_counts(text: str) -> dict | None:
-    m = COUNTS_RE.match(text.strip())
-    return dict(zip(COUNT_KEYS, map(int, m.groups()))) if m else None
-
-
-def read_counts(page, k: int) -> dict:
-    text = page.locator(panel_css(k, ".nbmplock-counts")).inner_text(timeout=10_000)
-    counts = parse_counts(text)
-    assert counts is not None, f"counts line of panel {k} not in the stable format: {text!r}"
-    return counts
-
-
-def wait_counts(page, k: int, ok, what: str, timeout: float = STEP_TIMEOUT) -> dict:
-    """Poll panel ``k``'s counts line until ``ok(counts)``; return those counts."""
-    loc = page.locator(panel_css(k, ".nbmplock-counts"))
-    deadline = time.monotonic() + timeout
-    text = "(not shown)"
-    while time.monotonic() < deadline:
-        try:
-            text = loc.inner_text(timeout=5_000)
-        except Exception:
-            text = "(not shown)"
-        counts = parse_counts(text)
-        if counts is not None and ok(counts):
-            return counts
-        time.sleep(0.1)  # polling interval
-    raise AssertionError(f"panel {k}: {what} not seen within {timeout:.0f}s; last {text!r}")
-
-
-def wait_state(page, k: int, state: str, timeout: float = STEP_TIMEOUT) -> None:
-    wait_text(page, panel_css(k, ".nbmplock-state"), state, timeout=timeout)
-
-
-def jsonl_names(run_dir: str) -> list[str]:
-    path = os.path.join(run_dir, "data.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def quiet_pointer(page) -> None:
     """No hover or focus ring on a button in a screenshot."""
     page.mouse.move(1, 1)
@@ -173,16 +124,29 @@ def padded(png: bytes, margin: int = 12) -> bytes:
 # --------------------------------------------------------------------------- test
 
 
-def test_panel_stop_resume_in_browser(jupyter_server, browser_page):
+def _require_notebook7() -> None:
+    # the `notebook` package's server extension serves /notebooks/<nb>
+    if importlib.util.find_spec("notebook") is None:
+        missing = pytest.fail if os.environ.get("NBMPLOCK_REQUIRE_BROWSER") == "1" else pytest.skip
+        missing("Jupyter Notebook 7 is not installed (pip install 'notebook>=7')")
+
+
+@pytest.mark.parametrize("ui", UIS)
+def test_panel_stop_resume_in_browser(ui, jupyter_server, browser_page):
+    if ui == "notebook7":
+        _require_notebook7()
     page = browser_page
     root = jupyter_server.root_dir.resolve()
+    NOTEBOOK = f"panel_browser_{ui}.ipynb"
     run = str(root / "runs" / f"panel-{uuid.uuid4().hex[:8]}")
     shutil.rmtree(root / DOCS_RUN, ignore_errors=True)
     t0 = time.monotonic()
 
     write_notebook(root, NOTEBOOK, cells(run))
-    open_notebook(page, jupyter_server, NOTEBOOK)
+    open_notebook(page, jupyter_server, NOTEBOOK, ui=ui)
     t_open = time.monotonic()
+    app = page.evaluate("() => window.jupyterapp.name")
+    assert app == {"lab": "JupyterLab", "notebook7": "Jupyter Notebook"}[ui], app
     assert run_all_cells(page, name=NOTEBOOK), notebook_errors(page, NOTEBOOK)
     assert notebook_errors(page, NOTEBOOK) == []
 
@@ -206,7 +170,7 @@ def test_panel_stop_resume_in_browser(jupyter_server, browser_page):
     assert second == dict(done=stopped_at, total=N_ITEMS, done_before=0, done_now=stopped_at,
                           failed=0, in_flight=0), second
     assert stopped_at == disk_second, f"panel says {stopped_at}, read_snapshot says {disk_second}"
-    saved = jsonl_names(run)
+    saved = jsonl_names(os.path.join(run, "data.jsonl"))
     assert len(saved) == stopped_at, f"data.jsonl has {len(saved)} lines, panel says {stopped_at}"
     assert len(set(saved)) == len(saved), "an item was saved twice before Stop"
     assert set(saved) <= set(ITEMS)
@@ -218,14 +182,14 @@ def test_panel_stop_resume_in_browser(jupyter_server, browser_page):
                         f"done {N_ITEMS}")
     assert final == dict(done=N_ITEMS, total=N_ITEMS, done_before=stopped_at,
                          done_now=N_ITEMS - stopped_at, failed=0, in_flight=0), final
-    saved = jsonl_names(run)
+    saved = jsonl_names(os.path.join(run, "data.jsonl"))
     assert len(saved) == N_ITEMS, f"data.jsonl has {len(saved)} lines, expected {N_ITEMS}"
     assert len(set(saved)) == N_ITEMS, "an item was saved more than once"
     assert set(saved) == set(ITEMS)
     snap = nbmplock.read_snapshot(run)
     assert snap.done == N_ITEMS and snap.failures == (), snap
     quiet_pointer(page)
-    page.locator(panel_css(0)).screenshot(path=str(artifacts_dir() / "panel-finished.png"))
+    page.locator(panel_css(0)).screenshot(path=str(artifacts_dir() / f"{ui}-panel-finished.png"))
     t_main = time.monotonic()
 
     # -- the docs job: Start, Stop, Resume, three failures --------------------------------
@@ -260,12 +224,12 @@ def test_panel_stop_resume_in_browser(jupyter_server, browser_page):
     docs_panel = page.locator(panel_css(1))
     docs_panel.scroll_into_view_if_needed()
     png = padded(docs_panel.screenshot())
-    (artifacts_dir() / "panel-docs.png").write_bytes(png)
-    if os.environ.get("NBMPLOCK_UPDATE_DOCS") == "1":
+    (artifacts_dir() / f"{ui}-panel-docs.png").write_bytes(png)
+    if ui == "lab" and os.environ.get("NBMPLOCK_UPDATE_DOCS") == "1":
         target = REPO_ROOT / "docs" / "panel.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(png)
-    screenshot(page, "panel-page.png")
+    screenshot(page, f"{ui}-panel-page.png")
 
-    print(f"open {t_open - t0:.1f}s, stop/resume {t_main - t_open:.1f}s, "
+    print(f"{ui}: open {t_open - t0:.1f}s, stop/resume {t_main - t_open:.1f}s, "
           f"docs job {time.monotonic() - t_main:.1f}s; stopped at {stopped_at}/{N_ITEMS}")
