@@ -403,6 +403,7 @@ class RunStore:
         # The syncer waits only inside ``while not predicate: wait()``, so a
         # notify sent before it waits is never lost.
         self._cond = threading.Condition(threading.Lock())
+        self._write_lock = threading.Lock()
         self._dirty = False
         self._closing = False
         self._sync_error: OSError | None = None
@@ -482,6 +483,13 @@ class RunStore:
 
     # -- writing ---------------------------------------------------------
     def _append(self, record: list[bytes]) -> None:
+        # Two threads write records: the manager, and the saver thread that
+        # records each save batch done. One lock keeps every record whole and
+        # the size bookkeeping (for a clean truncate after a failed write) exact.
+        with self._write_lock:
+            self._append_locked(record)
+
+    def _append_locked(self, record: list[bytes]) -> None:
         if self._sync_error is not None:
             raise self._sync_error
         start = self._size
