@@ -269,3 +269,27 @@ def test_open_append_close_thousands_of_times_always_ends(tmp_path, monkeypatch)
     worker = threading.Thread(target=loop, name="store-cycles")
     worker.start()
     helpers.join_or_dump(worker, 240, "2000 open/append/close cycles")
+
+
+def test_two_threads_appending_keep_every_record_whole(tmp_path):
+    """The manager and the saver thread both write records (done, failures)."""
+    store = RunStore.open(str(tmp_path), keep_results=True)
+    big = "x" * 200_000  # big enough that a writev may be split
+
+    def done():
+        for i in range(300):
+            store.record_done([f"d{i}"], [big])
+
+    def failed():
+        for i in range(300):
+            store.record_failures([nbmplock.Failure(f"f{i}", "exception", "E", big, "tb")])
+
+    threads = [threading.Thread(target=done), threading.Thread(target=failed)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        helpers.join_or_dump(thread, 60, "an appending thread")
+    store.close()
+    contents = read_contents(str(tmp_path), results=True)
+    assert len(contents.done) == 300 and len(contents.failures) == 300
+    assert contents.torn_bytes == 0 and set(contents.results.values()) == {big}
