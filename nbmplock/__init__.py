@@ -21,15 +21,22 @@ from ._errors import (InvalidArgumentsError, ItemTimeoutError, JobStateError,
                       MissingDependencyError, NbmplockError, RemoteTraceback,
                       RunDirectoryLostError, RunLockedError,
                       SerializationError, StoreCorruptError, WorkerDiedError, WorkerInitError)
-from ._job import Event, Job, JobState, Progress, RunSummary, run
+from . import _display, _job
+from ._errors import FailureKind
+from ._job import Job, run
 from ._seed import is_mp_lock_completed, mp_lock, mp_lock_batch, mp_lock_value, mp_lock_values
+from ._state import Event, EventKind, JobState, Progress, RunSummary
 from ._store import Failure, Snapshot, read_snapshot
+
+_job.views = _display  # a Job shows its panel through the views above it
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Event",
+    "EventKind",
     "Failure",
+    "FailureKind",
     "InvalidArgumentsError",
     "ItemTimeoutError",
     "Job",

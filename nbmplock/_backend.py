@@ -1,23 +1,48 @@
-"""What a backend is: the interface the runner drives, and the events it returns.
+"""What a backend is: the interface the runner drives, and the records that cross it.
 
 A backend runs chunks of items somewhere (local processes, a Dask cluster) and
-reports back through :meth:`Backend.wait`. It never touches the run store and
-never calls user callbacks other than ``process`` and ``init_function``; the
-runner does all of that in one thread.
+reports back through :meth:`Backend.wait`, as a list of events
+(:class:`ChunkDone`, :class:`ChunksLost`, :class:`WorkerOutput`,
+:class:`InitFailed`, :class:`Fatal`). It never touches the run store and never
+calls user callbacks other than ``process`` and ``init_function``.
+
+The worker's *slot* is shared memory of four doubles the parent reads without
+a message, so that a crash or a timeout is blamed on the exact unit of work:
+``SLOT_CHUNK`` (the chunk being run), ``SLOT_UNIT`` (the index of the unit
+being run, -1 between units), ``SLOT_STARTED`` (its start, ``time.monotonic``)
+and ``SLOT_GIVE_BACK`` (set by the parent to a chunk's id: return it after the
+current unit).
 """
 
 from __future__ import annotations
 
-import os
+import enum
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
 
+from ._errors import FailureKind
 
 #: Set when the interpreter exits (see _job's atexit hook): no backend starts a
 #: new worker from then on (a kernel restart must not spawn replacements).
 exiting = threading.Event()
+
+SLOT_CHUNK, SLOT_UNIT, SLOT_STARTED, SLOT_GIVE_BACK = range(4)
+
+
+def new_slot() -> list[float]:
+    """A slot's initial values: no chunk, no unit running, nothing asked back."""
+    return [0.0, -1.0, 0.0, -1.0]
+
+
+class LossKind(str, enum.Enum):
+    """Why a worker lost the chunks it held."""
+
+    DIED = "died"              # it died on its own: the running unit is blamed
+    TIMEOUT = "timeout"        # killed by item_timeout: the running unit is blamed
+    KILLED = "killed"          # a Force stop killed it: nothing is blamed
+    TERMINATED = "terminated"  # ended from outside (SIGTERM): a stop, nothing blamed
 
 
 @dataclass(eq=False)
@@ -29,7 +54,7 @@ class Chunk:
     """
 
     id: int
-    items: list[str]
+    items: list
     span: tuple[int, int] | None = None
 
 
@@ -42,15 +67,35 @@ class WorkPayload:
     shared_data: Any
     batch_size: int | None
     want_results: bool
-    items: Sequence[str] | None = None  # the job's data_list, for spans
+    items: Sequence | None = None  # the job's data_list, for spans
+
+    @property
+    def functions(self) -> tuple:
+        """What a worker unpacks: ``(process, init_function, shared_data, batch_size)``."""
+        return (self.process, self.init_function, self.shared_data, self.batch_size)
+
+
+class ItemError(NamedTuple):
+    """Units of a chunk that failed in the worker (``count`` items from ``pos``)."""
+
+    pos: int
+    count: int
+    exc_type: str
+    message: str
+    traceback: str
+    blob: bytes | None  # for nbmplock._wire.rebuild_exception
+    seconds: float | None
+    kind: FailureKind
 
 
 @dataclass(frozen=True)
 class ChunkDone:
+    """A chunk came back: ``n_run`` items ran (fewer when stopped or given back)."""
+
     chunk: Chunk
     n_run: int
     results: list | None
-    failures: list  # (pos, count, exc_type, message, tb, exc_bytes, seconds, kind)
+    failures: list[ItemError]
     seconds: float
     worker: str
     results_blob: bytes | None = None  # the pickle of ``results``, if the backend has it
@@ -66,7 +111,7 @@ class ChunksLost:
 
     chunks: list[Chunk]
     blame: tuple[Chunk, int] | None
-    kind: str  # "died", "timeout", "killed" (by a forced stop), "terminated" (from outside)
+    kind: LossKind
     message: str
     worker: str
     pid: int | None = None
@@ -97,9 +142,15 @@ class Fatal:
 
 
 class Backend(Protocol):
-    """Implemented by :class:`nbmplock._engine.LocalBackend` and the Dask backend."""
+    """Implemented by :class:`nbmplock._engine.LocalBackend` and
+    :class:`nbmplock._dask.DaskBackend`; both derive from :class:`BackendBase`,
+    which gives the optional members their defaults."""
 
     workers: int
+    #: Items per chunk are capped at about this many bytes.
+    max_task_bytes: int
+    #: Seconds of work a chunk aims at; None: the runner's default.
+    target_chunk_seconds: float | None
 
     def start(self) -> None:
         """Start the workers; they initialise in the background."""
@@ -122,51 +173,25 @@ class Backend(Protocol):
     def kill(self) -> list:
         """Forced: end every worker now; returns ``ChunksLost`` events."""
 
-    def shutdown(self) -> None:
-        """End every worker and release resources; nothing outlives this."""
+    def shutdown(self) -> list:
+        """End every worker and release resources; nothing outlives this.
+        Returns the last events (the workers' last output)."""
 
     def in_flight(self) -> dict[str, int]:
         """Items held per worker label."""
 
-    # Optional: ``give_back() -> bool``. Called when nothing is left to
-    # dispatch; if a worker is idle, asks a busy one to return a chunk early.
-    # The chunk comes back as a ``ChunkDone`` with ``n_run`` short of its
-    # length, and the runner dispatches the rest again. The local backend has
-    # it; the Dask backend does not (its tasks cannot be cut).
+    def give_back(self) -> bool:
+        """Nothing is left to dispatch: if a worker is idle, ask a busy one to
+        return a chunk early (it comes back as a ``ChunkDone`` with ``n_run``
+        short of its length, and the runner dispatches the rest again).
+        Returns whether a request was made."""
 
 
-def make_backend_factory(options):
-    """A function ``(payload, store, units) -> Backend`` for ``options.backend``.
+class BackendBase:
+    """Defaults of :class:`Backend`'s optional members."""
 
-    ``units`` is how many units of work (items, or batches) the run has to do:
-    the local backend starts no more workers than that.
+    max_task_bytes: int = 4 << 20
+    target_chunk_seconds: float | None = None
 
-    It may have a ``check(payload)`` attribute, called before the run directory
-    is touched, that raises if the payload cannot reach the workers.
-    """
-    if options.backend is None:
-        serialized: dict = {}
-
-        def local(payload: WorkPayload, store, units: int):
-            from ._engine import LocalBackend
-            workers = min(options.num_procs or os.cpu_count() or 1, max(1, units))
-            return LocalBackend(payload, workers=workers,
-                                start_method=options.start_method,
-                                item_timeout=options.item_timeout,
-                                close_fds=store.private_fds(),
-                                serialized=serialized.pop(id(payload), None))
-
-        def check(payload: WorkPayload) -> None:
-            from ._engine import payload_for_start_method
-            data = payload_for_start_method(payload, options.start_method)
-            if data is not None:
-                serialized[id(payload)] = data
-
-        local.check = check
-        return local
-
-    def dask(payload: WorkPayload, store, units: int):
-        from ._dask import DaskBackend
-        return DaskBackend(payload, options.backend, workers=options.num_procs,
-                           item_timeout=options.item_timeout)
-    return dask
+    def give_back(self) -> bool:
+        return False  # tasks that cannot be cut (Dask)

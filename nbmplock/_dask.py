@@ -5,7 +5,7 @@ protocol on a ``distributed.Client`` (or a scheduler address, for which it
 creates, and later closes, its own Client). The run store, the save callback,
 the Job and the panel stay in the driver; the cluster only computes. This is
 the only module that imports ``distributed``, and only when a Dask backend is
-built: without it, :func:`import_distributed` raises
+built: without it, :func:`nbmplock._optional.require` raises
 :class:`~nbmplock.MissingDependencyError` naming ``pip install "nbmplock[dask]"``.
 
 How the protocol maps onto Dask
@@ -95,45 +95,34 @@ importable on every worker, and so must every module that ``process`` or
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import os
 import pickle
 import queue
-import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import CancelledError
 
-import dill
 
-from . import _worker
-from ._backend import Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput, WorkPayload
-from ._errors import (ItemTimeoutError, MissingDependencyError, SerializationError,
-                      WorkerDiedError, WorkerInitError)
+from ._backend import (BackendBase, Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, LossKind,
+                       WorkerOutput, WorkPayload)
+from ._dask_worker import forget_job, run_task
+from ._errors import WorkerDiedError, WorkerInitError
+from ._optional import require
+from ._wire import serialize_functions
 
 log = logging.getLogger("nbmplock")
 
 #: Tasks in flight per worker thread: one running, one ready to start.
 PREFETCH = 2
-#: Seconds between two reads of the stop event in a running task.
-STOP_POLL = 0.2
 #: Seconds between two looks at the cluster's size.
 REFRESH = 2.0
 #: A run whose cluster has had no worker this long fails instead of waiting.
 NO_WORKERS_TIMEOUT = 120.0
 #: Units blamed for dying workers, before any task succeeded, that end the run.
 MAX_START_DEATHS = 3
-#: Output kept per chunk (characters); the rest is dropped with a note.
-MAX_OUTPUT_CHARS = 1 << 20
-#: A worker forgets a run's init_values after this long unused (its driver was killed).
-STALE_AFTER = 300.0
 #: Above this size (bytes) the payload gets a warning: the scheduler serves it.
 LARGE_PAYLOAD = 50_000_000
-#: How long a worker waits for the run's payload (seconds).
-PAYLOAD_TIMEOUT = 120.0
 #: Bound on each cleanup call to the cluster during shutdown (seconds).
 CALL_TIMEOUT = 10.0
 #: Names of the scheduler Variables holding a run's payload start with this.
@@ -142,32 +131,7 @@ PAYLOAD_PREFIX = "nbmplock-payload-"
 _WAKE = object()
 
 
-def import_distributed():
-    """Import ``distributed`` or raise :class:`MissingDependencyError` naming the extra."""
-    try:
-        import distributed
-    except ImportError as exc:
-        raise MissingDependencyError(
-            'the Dask backend needs the "distributed" package; install it with '
-            'pip install "nbmplock[dask]"', name="distributed") from exc
-    return distributed
-
-
-def serialize_payload(payload: WorkPayload) -> bytes:
-    """The functions and ``shared_data`` as one dill blob for the workers."""
-    args = (payload.process, payload.init_function, payload.shared_data, payload.batch_size)
-    try:
-        return dill.dumps(args, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
-    except Exception as exc:
-        raise SerializationError(
-            f"cannot send process/init_function/shared_data to the Dask workers: "
-            f"{type(exc).__name__}: {exc}. Everything they use must be picklable by dill; "
-            "create unpicklable objects (models, sessions, locks, open files) in "
-            "init_function instead of passing them in shared_data or capturing them."
-        ) from exc
-
-
-class DaskBackend:
+class DaskBackend(BackendBase):
     """Run chunks as tasks on a Dask cluster; driven by the runner's thread.
 
     Parameters
@@ -201,7 +165,7 @@ class DaskBackend:
 
     def __init__(self, payload: WorkPayload, backend, *, workers: int | None = None,
                  item_timeout: float | None = None):
-        self._dd = import_distributed()
+        self._dd = require("distributed")
         self._payload = payload
         self._target = backend
         self._want_results = payload.want_results
@@ -251,7 +215,7 @@ class DaskBackend:
                                    "pass a running Client or the scheduler address")
             self._client = target
         client = self._client
-        data = serialize_payload(self._payload)
+        data = serialize_functions(self._payload.functions, "the Dask workers")
         n_workers, threads = _cluster_size(client)
         if len(data) > LARGE_PAYLOAD:
             log.warning("nbmplock: process, init_function and shared_data take %.0f MB; the "
@@ -272,7 +236,7 @@ class DaskBackend:
     def submit(self, chunk: Chunk) -> None:
         key = f"nbmplock-{self._token}-{chunk.id}"
         blob = pickle.dumps(chunk.items, protocol=pickle.HIGHEST_PROTOCOL)  # opaque to Dask
-        future = self._client.submit(_run_task, self._payload_name, self._token,
+        future = self._client.submit(run_task, self._payload_name, self._token,
                                      self._stop_name, blob, self._want_results,
                                      self._timeout, key=key)
         self._chunks[key] = (chunk, future)
@@ -310,7 +274,7 @@ class DaskBackend:
             self._helper(self._cancel_all, [future for _, future in entries])
         if not entries:
             return []
-        return [ChunksLost([chunk for chunk, _ in entries], None, "killed", "stopped by force",
+        return [ChunksLost([chunk for chunk, _ in entries], None, LossKind.KILLED, "stopped by force",
                            "dask")]
 
     def shutdown(self) -> None:
@@ -330,7 +294,7 @@ class DaskBackend:
             self._helper(self._cancel_all, leftover)
         for thread in self._helpers:
             thread.join(CALL_TIMEOUT)
-        _bounded(lambda: client.run(_forget_job, self._token, on_error="ignore"),
+        _bounded(lambda: client.run(forget_job, self._token, on_error="ignore"),
                  CALL_TIMEOUT)
         # After a forced stop, tasks cancelled while running read the event until they
         # return: it stays set (one tiny entry on the scheduler). Otherwise free it.
@@ -482,7 +446,7 @@ class DaskBackend:
             self._lost.update(dict.fromkeys(chunk.items))
             blame = (chunk, 0) if again and len(chunk.items) <= self._unit else None
             message = f"the Dask workers running it died (KilledWorker: {_short(exc)})"
-            events.append(ChunksLost([chunk], blame, "died", message, _last_worker(exc)))
+            events.append(ChunksLost([chunk], blame, LossKind.DIED, message, _last_worker(exc)))
             if blame is not None and not self._succeeded:
                 self._start_deaths += 1
                 if self._start_deaths >= MAX_START_DEATHS:
@@ -499,7 +463,8 @@ class DaskBackend:
             "Are nbmplock (this version) and dill installed on every Dask worker?")
         error.__cause__ = exc
         self._fail(events, error)
-        events.append(ChunksLost([chunk], None, "died", f"{type(exc).__name__}: {exc}", "dask"))
+        events.append(ChunksLost([chunk], None, LossKind.DIED, f"{type(exc).__name__}: {exc}",
+                                  "dask"))
 
     def _cancelled(self, future, events: list) -> None:
         chunk = self._take(future)
@@ -521,7 +486,8 @@ class DaskBackend:
             "the Dask cluster cancelled nbmplock's tasks (the connection to the scheduler "
             "was lost, or the client or cluster was restarted or closed)"
             + (f": {reason}" if reason else "")))
-        events.append(ChunksLost([chunk], None, "died", "task cancelled by the cluster", "dask"))
+        events.append(ChunksLost([chunk], None, LossKind.DIED, "task cancelled by the cluster",
+                                  "dask"))
 
     def _fail(self, events: list, error: BaseException) -> None:
         """End the run: the runner stops, and no task is worth finishing, so the
@@ -624,326 +590,3 @@ def _last_worker(exc: BaseException) -> str:
     if name is None:
         return "dask"
     return f"dask-{name}" if isinstance(name, int) else str(name)
-
-
-# ==========================================================================
-# The worker side: runs inside Dask worker processes
-# ==========================================================================
-
-class _JobCache:
-    """One run's functions and ``init_values`` in one worker process."""
-
-    __slots__ = ("lock", "ready", "process", "shared_data", "batch_size", "init_values", "error",
-                 "active", "last_used")
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.ready = False
-        self.process = self.shared_data = self.batch_size = self.init_values = None
-        self.error: tuple | None = None
-        self.active = 0
-        self.last_used = time.monotonic()
-
-
-_jobs: dict[str, _JobCache] = {}
-_jobs_lock = threading.Lock()
-_stopped: OrderedDict = OrderedDict()  # tokens of runs seen stopped or ended, newest last
-_STOPPED_KEEP = 1024
-_local = threading.local()
-
-
-def _job(token: str, payload_name: str) -> _JobCache:
-    """This process's cache entry of the run; loads and initialises it the first time.
-
-    The caller holds it (``active``) until :func:`_release`. A new run evicts the
-    entries of runs idle for :data:`STALE_AFTER` seconds: those of drivers that
-    were killed before their shutdown could clean up.
-    """
-    with _jobs_lock:
-        job = _jobs.get(token)
-        if job is None:
-            now = time.monotonic()
-            for old_token, old in list(_jobs.items()):
-                if not old.active and now - old.last_used > STALE_AFTER:
-                    del _jobs[old_token]
-            job = _jobs[token] = _JobCache()
-        job.active += 1
-    if job.ready:
-        return job
-    # Fetched before taking the lock, so that a slow fetch holds no other thread.
-    blob = fetch_error = None
-    try:
-        blob = _fetch_payload(payload_name)
-    except BaseException as exc:  # noqa: BLE001 - reported to the driver
-        fetch_error = exc
-    with job.lock:
-        if not job.ready:
-            try:
-                if fetch_error is not None:
-                    raise fetch_error
-                process, init_function, shared_data, batch_size = dill.loads(blob)
-                init_values = init_function(shared_data) if init_function is not None else {}
-            except BaseException as exc:  # noqa: BLE001 - reported to the driver
-                job.error = _worker.describe_exception(exc)
-            else:
-                job.process, job.shared_data = process, shared_data
-                job.batch_size, job.init_values = batch_size, init_values
-            job.ready = True
-    return job
-
-
-def _fetch_payload(name: str) -> bytes:
-    """The run's payload blob, from the scheduler's Variable ``name``."""
-    from distributed import Variable
-
-    return Variable(name).get(timeout=PAYLOAD_TIMEOUT)
-
-
-def _release(job: _JobCache) -> None:
-    with _jobs_lock:
-        job.active -= 1
-        job.last_used = time.monotonic()
-
-
-def _mark_stopped(token: str) -> None:
-    with _jobs_lock:
-        _stopped[token] = None
-        while len(_stopped) > _STOPPED_KEEP:
-            _stopped.popitem(last=False)
-
-
-def _forget_job(token: str) -> bool:
-    """Run on every worker at shutdown: drop the run's ``init_values``."""
-    _mark_stopped(token)
-    with _jobs_lock:
-        return _jobs.pop(token, None) is not None
-
-
-class _StopFlag:
-    """``stop_flag`` for ``run_chunk``: reads the run's Dask Event at most every STOP_POLL s."""
-
-    def __init__(self, token: str, event_name: str):
-        self._token = token
-        self._name = event_name
-        self._event = None
-        self._next = time.monotonic() + STOP_POLL
-
-    @property
-    def value(self) -> bool:
-        if self._token in _stopped:
-            return True
-        if time.monotonic() < self._next:
-            return False
-        try:
-            if self._event is None:
-                from distributed import Event
-                self._event = Event(self._name)
-            stopped = bool(self._event.is_set())
-        except Exception:  # noqa: BLE001 - cannot ask: keep going; a cancel still ends us
-            stopped = False
-        self._next = time.monotonic() + STOP_POLL
-        if stopped:
-            _mark_stopped(self._token)
-        return stopped
-
-
-class _Capture:
-    """Text written to sys.stdout/sys.stderr by one task's thread."""
-
-    def __init__(self):
-        self.parts: list[str] = []
-        self.size = 0
-        self.dropped = 0
-
-    def write(self, text: str) -> None:
-        if self.size + len(text) > MAX_OUTPUT_CHARS:
-            self.dropped += len(text)
-            return
-        self.parts.append(text)
-        self.size += len(text)
-
-    def text(self) -> str:
-        out = "".join(self.parts)
-        if self.dropped:
-            if out and not out.endswith("\n"):
-                out += "\n"
-            out += f"[nbmplock: {self.dropped:,} more characters of output dropped]\n"
-        return out
-
-
-class _ThreadRouter:
-    """Stands in for sys.stdout/sys.stderr: a task thread's writes go to its capture."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        capture = getattr(_local, "capture", None)
-        if capture is not None:
-            capture.write(text)
-            return len(text)
-        if self._stream is None:
-            return len(text)
-        return self._stream.write(text)
-
-    def flush(self) -> None:
-        if getattr(_local, "capture", None) is None and self._stream is not None:
-            self._stream.flush()
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
-_router_lock = threading.Lock()
-
-
-def _install_router() -> None:
-    if isinstance(sys.stdout, _ThreadRouter) and isinstance(sys.stderr, _ThreadRouter):
-        return
-    with _router_lock:
-        for name in ("stdout", "stderr"):
-            if not isinstance(getattr(sys, name), _ThreadRouter):
-                setattr(sys, name, _ThreadRouter(getattr(sys, name)))
-
-
-def _worker_label() -> str:
-    try:
-        from distributed import get_worker
-        name = get_worker().name
-    except Exception:  # noqa: BLE001 - not in a worker (tests call the task directly)
-        return f"pid{os.getpid()}"
-    return f"dask-{name}" if isinstance(name, int) else str(name)
-
-
-# -- item_timeout: interrupt an overrunning item in its thread -------------
-
-class _Interrupt(BaseException):
-    """Raised asynchronously in a task thread whose item overran ``item_timeout``.
-
-    A BaseException, so that ``except Exception`` in user code does not swallow it.
-    """
-
-
-def _async_raise(thread_id: int, exc_type) -> None:
-    """Raise ``exc_type`` in thread ``thread_id`` at its next bytecode; None clears it."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type) if exc_type is not None else None)
-
-
-class _Watchdog:
-    """One thread per worker process that interrupts items past their deadline.
-
-    ``arm`` and ``disarm`` bracket each call of ``process``; the watchdog fires at
-    most once per arm, and only while armed (under the same lock), and ``disarm``
-    clears an exception fired but not yet delivered, so it never escapes the call.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._armed: dict[int, list] = {}
-        self._thread: threading.Thread | None = None
-
-    def arm(self, thread_id: int, deadline: float) -> None:
-        with self._cond:
-            self._armed[thread_id] = [deadline, False]
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="nbmplock-timeout",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def disarm(self, thread_id: int) -> None:
-        with self._cond:
-            entry = self._armed.pop(thread_id, None)
-            if entry is not None and entry[1]:
-                _async_raise(thread_id, None)
-
-    def _run(self) -> None:
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                soonest = None
-                for thread_id, entry in self._armed.items():
-                    if entry[1]:
-                        continue
-                    if now >= entry[0]:
-                        _async_raise(thread_id, _Interrupt)
-                        entry[1] = True
-                    elif soonest is None or entry[0] < soonest:
-                        soonest = entry[0]
-                self._cond.wait(None if soonest is None else soonest - now)
-
-
-_watchdog = _Watchdog()
-
-
-def _with_timeout(process, seconds: float, step: int):
-    """``process`` interrupted after ``seconds``; also the set of positions that were.
-
-    ``run_chunk`` calls it once per unit (an item, or a batch of ``step`` items),
-    in order, so the n-th call is the unit at position ``n * step``.
-    """
-    timed_out: set = set()
-    calls = 0
-
-    def guarded(item, shared_data, init_values):
-        nonlocal calls
-        position = calls * step
-        calls += 1
-        thread_id = threading.get_ident()
-        try:
-            _watchdog.arm(thread_id, time.monotonic() + seconds)
-            try:
-                return process(item, shared_data, init_values)
-            finally:
-                _watchdog.disarm(thread_id)
-        except _Interrupt:
-            timed_out.add(position)
-            raise ItemTimeoutError(
-                f"the item ran longer than item_timeout={seconds:g} s and was interrupted "
-                "in its Dask worker thread") from None
-
-    return guarded, timed_out
-
-
-def _run_task(payload_name: str, token: str, stop_name: str, blob: bytes, want_results: bool,
-              item_timeout: float | None) -> tuple:
-    """One chunk on a Dask worker: ``(label, output, kind, body)``.
-
-    ``kind`` is ``"chunk"`` (``body`` is the pickled message of
-    :mod:`nbmplock._worker`'s protocol), ``"init_error"`` (``body`` is
-    ``describe_exception(exc)``) or ``"stopped"`` (the run was stopped before
-    this task started; nothing ran).
-    """
-    label = _worker_label()
-    if token in _stopped:
-        return label, "", "stopped", None
-    _install_router()
-    capture = _local.capture = _Capture()
-    job = None
-    try:
-        job = _job(token, payload_name)
-        if job.error is not None:
-            return label, capture.text(), "init_error", job.error
-        items = pickle.loads(blob)
-        slot = [0.0, -1.0, 0.0, -1.0]  # slot[3]: no give-back on Dask
-        process, timed_out = job.process, None
-        if item_timeout is not None:
-            process, timed_out = _with_timeout(job.process, item_timeout, job.batch_size or 1)
-        n_run, results, failures, seconds = _worker.run_chunk(
-            items, process, job.shared_data, job.init_values, job.batch_size, slot,
-            _StopFlag(token, stop_name))
-    finally:
-        _local.capture = None
-        if job is not None:
-            _release(job)
-    if timed_out:
-        failures = [(*f[:7], "timeout") if f[0] in timed_out else f for f in failures]
-    msg = ("chunk", 0, n_run, results if want_results else None, failures, seconds)
-    try:
-        body = _worker.dumps(msg)
-    except Exception:  # noqa: BLE001 - an unpicklable result fails its item only
-        if msg[3] is None:
-            raise
-        body = _worker.dumps(_worker._without_unpicklable(msg))
-    return label, capture.text(), "chunk", body

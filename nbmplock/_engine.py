@@ -16,7 +16,7 @@ written by a short-lived thread, and that worker gets nothing more meanwhile).
 
 Work stealing at the tail: when nothing is left to dispatch and a worker sits
 idle, :meth:`LocalBackend.give_back` asks the worker holding the most units it
-has not started to return that chunk after its current unit (``slot[3]``); the
+has not started to return that chunk after its current unit (the slot's ``SLOT_GIVE_BACK``); the
 rest comes back as a short ``ChunkDone`` and is dispatched again, to both. So
 a chunk of slow items never leaves the other workers idle at the end, and
 chunks can be long enough that their round trips cost nothing measurable.
@@ -35,14 +35,15 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
-import dill
 import multiprocess
 from multiprocess.connection import wait as mp_wait
 
 from . import _worker
-from ._backend import (Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, WorkerOutput,
-                       WorkPayload, exiting)
-from ._errors import SerializationError, WorkerDiedError
+from ._backend import (SLOT_CHUNK, SLOT_GIVE_BACK, SLOT_STARTED, SLOT_UNIT, BackendBase, Chunk,
+                       ChunkDone, ChunksLost, Fatal, InitFailed, LossKind, WorkerOutput,
+                       WorkPayload, exiting, new_slot)
+from ._errors import WorkerDiedError
+from ._wire import dumps, serialize_functions
 
 log = logging.getLogger("nbmplock")
 
@@ -73,20 +74,6 @@ def describe_exit(exitcode: int | None) -> str:
     return f"the worker exited with code {exitcode} (os._exit or sys.exit in process?)"
 
 
-def serialize_payload(payload: tuple) -> bytes:
-    """dill with ``recurse=True``: notebook functions travel with their globals."""
-    try:
-        return dill.dumps(payload, recurse=True)
-    except Exception as exc:
-        raise SerializationError(
-            f"cannot send process/init_function/shared_data to spawned workers: "
-            f"{type(exc).__name__}: {exc}. Under start_method='spawn' or 'forkserver' "
-            "everything they use must be picklable by dill; create unpicklable objects "
-            "(models, sessions, locks, open files) in init_function instead of passing "
-            "them in shared_data or capturing them, or use start_method='fork'."
-        ) from exc
-
-
 def _grow_pipe(fd: int) -> int:
     """Enlarge a pipe's buffer (Linux); return its size in bytes."""
     try:
@@ -100,8 +87,7 @@ def payload_for_start_method(payload: WorkPayload, start_method: str | None) -> 
     """The payload as spawned workers receive it (None under fork: inherited as is)."""
     if multiprocess.get_context(start_method).get_start_method() == "fork":
         return None
-    return serialize_payload((payload.process, payload.init_function, payload.shared_data,
-                              payload.batch_size))
+    return serialize_functions(payload.functions, "spawned workers")
 
 
 @dataclass(eq=False)
@@ -143,7 +129,7 @@ def _quiet_fork_warning() -> None:
                 r"deadlocks in the child")
 
 
-class LocalBackend:
+class LocalBackend(BackendBase):
     """Worker processes on this machine, driven by the runner's thread."""
 
     def __init__(self, payload: WorkPayload, *, workers: int, start_method: str | None,
@@ -154,9 +140,8 @@ class LocalBackend:
         self._fork = self._ctx.get_start_method() == "fork"
         # A forkserver's children have the forkserver as parent; it dies with us.
         self._parent_pid = None if self._ctx.get_start_method() == "forkserver" else os.getpid()
-        args = (payload.process, payload.init_function, payload.shared_data,
-                payload.batch_size)
-        self._payload = args if self._fork else (serialized or serialize_payload(args))
+        self._payload = payload.functions if self._fork else (
+            serialized or serialize_functions(payload.functions, "spawned workers"))
         # Forked workers have data_list already: chunks of it travel as spans.
         self._items = payload.items if self._fork else None
         self._want_results = payload.want_results
@@ -194,7 +179,7 @@ class LocalBackend:
         room = _grow_pipe(task_w.fileno())
         _grow_pipe(res_w.fileno())
         self._pipe_size = min(self._pipe_size, room)
-        slot = self._ctx.RawArray("d", [0.0, -1.0, 0.0, -1.0])  # see _worker
+        slot = self._ctx.RawArray("d", new_slot())  # layout: see _backend
         close_fds = []
         if self._fork:  # what a forked child inherits and must not keep
             close_fds = [*self._close_fds, task_w.fileno(), res_r.fileno(), out_r.fileno(),
@@ -225,7 +210,7 @@ class LocalBackend:
         worker = min((w for w in self._workers.values() if self._accepts(w)),
                      key=lambda w: len(w.chunks))
         sent = chunk.span if chunk.span is not None and self._items is not None else chunk.items
-        data = _worker.dumps((chunk.id, sent))
+        data = dumps((chunk.id, sent))
         worker.chunks.append(chunk)
         worker.queued.append(len(data) + 8)
         if sum(worker.queued) <= worker.room:
@@ -262,21 +247,21 @@ class LocalBackend:
         for w in self._workers.values():
             for i, chunk in enumerate(w.chunks):
                 units = -(-len(chunk.items) // self._unit)
-                running = i == 0 and int(w.slot[0]) == chunk.id
+                running = i == 0 and int(w.slot[SLOT_CHUNK]) == chunk.id
                 if i == 0 and not running:
                     # About to start: taking it back would only delay it (and
                     # could ping-pong). The next event, or the progress update
                     # that follows every dispatch, has the runner look again.
                     continue
                 if running:
-                    pos = int(w.slot[1])
+                    pos = int(w.slot[SLOT_UNIT])
                     units = units - pos - 1 if pos >= 0 else 0  # -1: its last unit is done
                 if units and (running, units) > best_key:
                     best, best_key = (w, chunk), (running, units)
         if best is None:
             return False
         worker, chunk = best
-        worker.slot[3] = chunk.id
+        worker.slot[SLOT_GIVE_BACK] = chunk.id
         self._giving_back = chunk.id
         return True
 
@@ -307,8 +292,8 @@ class LocalBackend:
     def _timeout_in(self, now: float) -> float | None:
         if self._timeout is None:
             return None
-        due = [w.slot[2] + self._timeout - now for w in self._workers.values()
-               if w.chunks and w.slot[1] >= 0]
+        due = [w.slot[SLOT_STARTED] + self._timeout - now for w in self._workers.values()
+               if w.chunks and w.slot[SLOT_UNIT] >= 0]
         return max(0.0, min(due)) if due else None
 
     def wait(self, timeout: float | None) -> list:
@@ -334,7 +319,7 @@ class LocalBackend:
             elif worker not in dead:
                 dead.append(worker)
         for worker in dead:
-            self._lost(worker, events, kind="died")
+            self._lost(worker, events, kind=LossKind.DIED)
         if self._timeout is not None:
             self._check_timeouts(events)
         return events
@@ -385,7 +370,8 @@ class LocalBackend:
             events.append(WorkerOutput(worker.label, decoded))
 
     # -- losing workers --------------------------------------------------
-    def _lost(self, worker: _Worker, events: list, *, kind: str, message: str | None = None) -> None:
+    def _lost(self, worker: _Worker, events: list, *, kind: LossKind,
+              message: str | None = None) -> None:
         """Account for a dead (or killed) worker and start its replacement.
 
         A worker ended by SIGTERM, SIGHUP or SIGQUIT was ended from outside
@@ -397,8 +383,8 @@ class LocalBackend:
         self._read_output(worker, events, final=True)
         _reap(worker.process, 5)
         exitcode = worker.process.exitcode
-        if kind == "died" and exitcode is not None and -exitcode in _ENDED_FROM_OUTSIDE:
-            kind = "terminated"
+        if kind is LossKind.DIED and exitcode is not None and -exitcode in _ENDED_FROM_OUTSIDE:
+            kind = LossKind.TERMINATED
             message = (f"worker {worker.label} (pid {worker.process.pid}) was ended by "
                        f"{signal.Signals(-exitcode).name} from another process (a kernel "
                        "restart or shutdown, kill, a service manager); the run was stopped "
@@ -406,10 +392,10 @@ class LocalBackend:
             self._stopping = True
         blame = None
         seconds = None
-        if worker.chunks and worker.slot[1] >= 0 and int(worker.slot[0]) == worker.chunks[0].id:
-            blame = (worker.chunks[0], int(worker.slot[1]) * self._unit)
+        if worker.chunks and worker.slot[SLOT_UNIT] >= 0 and int(worker.slot[SLOT_CHUNK]) == worker.chunks[0].id:
+            blame = (worker.chunks[0], int(worker.slot[SLOT_UNIT]) * self._unit)
             if self._timeout is not None:  # item start times are kept only then
-                seconds = time.monotonic() - worker.slot[2]
+                seconds = time.monotonic() - worker.slot[SLOT_STARTED]
         pid = worker.process.pid
         if any(chunk.id == self._giving_back for chunk in worker.chunks):
             self._giving_back = None
@@ -417,12 +403,12 @@ class LocalBackend:
         del self._workers[worker.index]
         if message is None:
             message = describe_exit(exitcode)
-        if kind == "terminated":
+        if kind is LossKind.TERMINATED:
             blame = None
-        if worker.chunks or kind != "died":
+        if worker.chunks or kind is not LossKind.DIED:
             events.append(ChunksLost(list(worker.chunks), blame, kind, message, worker.label,
                                      pid, exitcode, seconds))
-        if not worker.ready and kind == "died":
+        if not worker.ready and kind is LossKind.DIED:
             self._start_deaths += 1
             if self._start_deaths >= MAX_START_DEATHS:
                 hint = "Is init_function crashing the process?"
@@ -437,7 +423,7 @@ class LocalBackend:
                     exitcode=exitcode)))
                 self._stopping = True
                 return
-        if kind == "died" and not self._stopping and not self._closed:
+        if kind is LossKind.DIED and not self._stopping and not self._closed:
             log.warning("worker %s (pid %s) died: %s; starting a replacement",
                         worker.label, pid, message)
         if not self._stopping and not self._closed and not exiting.is_set():
@@ -446,11 +432,11 @@ class LocalBackend:
     def _check_timeouts(self, events: list) -> None:
         now = time.monotonic()
         for worker in list(self._workers.values()):
-            if (worker.chunks and worker.slot[1] >= 0
-                    and int(worker.slot[0]) == worker.chunks[0].id
-                    and now - worker.slot[2] > self._timeout):
+            if (worker.chunks and worker.slot[SLOT_UNIT] >= 0
+                    and int(worker.slot[SLOT_CHUNK]) == worker.chunks[0].id
+                    and now - worker.slot[SLOT_STARTED] > self._timeout):
                 _kill(worker.process)
-                self._lost(worker, events, kind="timeout",
+                self._lost(worker, events, kind=LossKind.TIMEOUT,
                            message=f"the item ran longer than item_timeout={self._timeout:g} s; "
                                    "its worker was killed and replaced")
 
@@ -461,7 +447,7 @@ class LocalBackend:
         for worker in list(self._workers.values()):
             _kill(worker.process)
         for worker in list(self._workers.values()):
-            self._lost(worker, events, kind="killed", message="stopped by force")
+            self._lost(worker, events, kind=LossKind.KILLED, message="stopped by force")
         return events
 
     def shutdown(self) -> list:

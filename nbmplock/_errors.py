@@ -21,6 +21,20 @@ and the item as a note.
 
 from __future__ import annotations
 
+import enum
+
+
+class FailureKind(str, enum.Enum):
+    """Why an item failed; a ``str`` too, so ``kind == "timeout"`` works."""
+
+    EXCEPTION = "exception"      # process raised
+    DIED = "died"                # the worker process died holding it
+    TIMEOUT = "timeout"          # it ran longer than item_timeout
+    UNPICKLABLE = "unpicklable"  # its result could not be sent back
+
+    def __str__(self) -> str:
+        return self.value
+
 
 class NbmplockError(Exception):
     """Base class of every error nbmplock raises itself."""

@@ -1,119 +1,45 @@
 """``Job``: one resumable parallel map you can start, stop, resume and watch.
 
-A Job runs its runner in a background thread so that the notebook cell that
-started it returns at once and the kernel stays free for button clicks. Its
-state is an explicit :class:`JobState`; every method checks it and says why a
-call is not allowed. Views (the panel, the tqdm bar, tests) subscribe with
-:meth:`Job.subscribe` and receive :class:`Event` objects, at most about ten
-per second whatever the item rate; they are called without any lock held.
+A Job runs its runner in a background thread (the manager) so that the
+notebook cell that started it returns at once and the kernel stays free for
+button clicks. Its state is an explicit :class:`JobState`; every method checks
+it and says why a call is not allowed. Views (the panel, the tqdm bar, tests)
+subscribe with :meth:`Job.subscribe` and receive :class:`Event` objects on the
+views thread (:mod:`nbmplock._notify`), at most about ten per second whatever
+the item rate; they never run on the manager thread.
 """
 
 from __future__ import annotations
 
 import atexit
-import enum
+import inspect
 import logging
 import os
 import threading
 import time
 import weakref
 from collections import deque
-from itertools import repeat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
-from ._backend import exiting, make_backend_factory
+from ._backend import exiting
 from ._errors import InvalidArgumentsError, JobStateError, RunLockedError
-from ._runner import Counters, Runner, StopMode, items_hash
-from ._store import Failure, read_complete, read_contents
-from ._validate import Spec, check_out_path, make_options, make_spec
+from ._notify import notifier
+from ._options import Options, make_options, options_doc, signature
+from ._runner import Published, Runner, RunStatus, StopMode, Tally
+from ._state import Event, EventKind, JobState, Progress, RunSummary
+from ._store import Failure, by_time, read_contents, stored_state
+from ._sync import Handoff, RunEnd
+from ._validate import Spec, check_out_path, make_spec
 
 log = logging.getLogger("nbmplock")
 
 OUTPUT_TAIL = 500
 _MISSING = object()
 _RATE_WINDOW = 10.0
-
-
-class JobState(enum.Enum):
-    """Where a Job is. ``RUNNING -> STOPPING -> STOPPED`` on a Stop."""
-
-    IDLE = "idle"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FINISHED = "finished"
-    FAILED = "failed"
-
-    @property
-    def active(self) -> bool:
-        return self in (JobState.RUNNING, JobState.STOPPING)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """A snapshot of a Job's numbers; safe to keep and compare."""
-
-    total: int
-    done: int
-    done_before: int
-    failed: int
-    in_flight: int
-    in_flight_by_worker: tuple[tuple[str, int], ...]
-    rate: float
-    elapsed: float
-    eta: float | None
-    state: JobState
-
-    def __repr__(self) -> str:
-        eta = f"{self.eta:.0f} s" if self.eta is not None else "-"
-        return (f"Progress({self.state.value}: {self.done}/{self.total} done, "
-                f"{self.done_before} in earlier runs, {self.failed} failed, "
-                f"{self.in_flight} in flight, {self.rate:.1f} items/s, "
-                f"elapsed {self.elapsed:.1f} s, ETA {eta})")
-
-    @property
-    def done_now(self) -> int:
-        """Items finished by the current (or last) run."""
-        return self.done - self.done_before
-
-    @property
-    def remaining(self) -> int:
-        return max(0, self.total - self.done)
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
-
-
-@dataclass(frozen=True)
-class Event:
-    """What observers receive. ``kind`` is ``"progress"`` or ``"state"``."""
-
-    kind: str
-    progress: Progress
-    output: tuple[str, ...] = ()
-    failures: tuple[Failure, ...] = ()
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """What ``mp_lock`` returns: how the run went."""
-
-    done: int
-    failed: int
-    skipped: int
-    elapsed: float
-    failures: tuple[Failure, ...]
-    out_path: str
-    state: JobState
-
-    def __str__(self) -> str:
-        text = (f"{self.done} done, {self.skipped} already done before, {self.failed} failed "
-                f"in {self.elapsed:.1f} s ({self.state.value}; run directory {self.out_path!r})")
-        return text
-
+#: How long the end of a run waits for its views to show the final state.
+_FLUSH_TIMEOUT = 5.0
 
 _ALLOWED = {
     "start": (JobState.IDLE,),
@@ -128,6 +54,12 @@ _WHY = {
     JobState.FAILED: "it failed; use resume()",
     JobState.IDLE: "it has not been started; use start()",
 }
+_END_STATE = {RunStatus.FINISHED: JobState.FINISHED, RunStatus.STOPPED: JobState.STOPPED,
+              RunStatus.FAILED: JobState.FAILED}
+
+#: How a Job shows itself in a notebook: set by ``nbmplock/__init__.py`` to
+#: :mod:`nbmplock._display` (a view sits above the Job; the Job only calls it).
+views: Any = None
 
 _live: dict[str, weakref.ReferenceType] = {}
 _live_lock = threading.Lock()
@@ -168,79 +100,18 @@ def live_job(out_path: str) -> Job | None:
     return job if job is not None and job.state.active else None
 
 
-class _Handoff:
-    """Who owns a run being launched: the job's new thread, or the caller of
-    start() when it was interrupted first. Exactly one of them claims it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: str | None = None
-
-    def claim(self, who: str) -> bool:
-        with self._lock:
-            if self._owner is None:
-                self._owner = who
-            return self._owner == who
-
-
-class _RunEnd:
-    """The end of a run, for threads to wait on; Ctrl-C may land anywhere in wait().
-
-    Neither ``threading.Event`` nor ``Thread.join`` survive that in Python
-    3.11: a KeyboardInterrupt just after ``Event.wait`` took its Condition's
-    lock (in ``Condition.__enter__``) leaves the lock held, and the run's end
-    and every later wait hang; one interrupting ``Thread.join`` while the
-    thread runs releases the thread's own lock, and the thread counts as
-    ended while it still runs. Here each waiter blocks on a lock of its own,
-    which the job's thread releases at the end: an interrupted waiter leaves
-    nothing locked that anyone else needs.
-    """
-
-    def __init__(self) -> None:
-        self.ended = True
-        self._waiters: list = []
-
-    def begin(self) -> None:
-        self._waiters = []
-        self.ended = False
-
-    # Invariant (no lost wake-up): end() sets ``ended`` before it copies the
-    # waiter list, and a waiter appends its lock before it reads ``ended``. So
-    # a waiter either is in the copy (and released) or reads ``ended`` True
-    # (and does not block). begin() runs before the job's thread starts.
-    def end(self) -> None:
-        self.ended = True
-        for lock in list(self._waiters):
-            try:
-                lock.release()
-            except RuntimeError:  # its waiter was interrupted and left
-                pass
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self.ended:
-            return True
-        lock = threading.Lock()
-        lock.acquire()
-        self._waiters.append(lock)
-        try:
-            if not self.ended:  # end() may have run before the append
-                lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
-        finally:
-            try:
-                self._waiters.remove(lock)
-            except ValueError:
-                pass
-        return self.ended
-
-
 class Job:
     """A resumable parallel map over ``data_list``, recorded in ``out_path``.
 
-    Parameters are those of :func:`nbmplock.mp_lock` (keyword-only after
-    ``out_path``), plus ``batch_size`` (``process`` then receives lists of
-    items) and ``keep_results`` (store results so :meth:`results` can return
-    them; by default only when there is no ``save_callback``). ``errors``
-    defaults to ``"record"``: one bad item does not end a long run.
+    ``Job(data_list, process, out_path, **options)``: ``process(item,
+    shared_data, init_values)`` runs on every item not yet recorded done in
+    the run directory ``out_path``. Built, not started: displaying it shows
+    what the run directory holds. ``errors`` defaults to ``"record"``: one bad
+    item does not end a long run.
+
+    Options
+    -------
+    {options}
 
     Examples
     --------
@@ -248,31 +119,27 @@ class Job:
     >>> job.start(); job.wait(); job.progress.done               # doctest: +SKIP
     """
 
-    def __init__(self, data_list: Sequence[str], process: Callable, out_path: str, *,
-                 save_callback: Callable | None = None, num_procs: int | None = None,
-                 save_batch: int = 10, shared_data: Any = None,
-                 init_function: Callable | None = None, batch_size: int | None = None,
-                 errors: str = "record", max_retries: int = 0,
-                 item_timeout: float | None = None, chunk_size: int | None = None,
-                 start_method: str | None = None, backend: Any = None,
-                 keep_results: bool | None = None):
-        if keep_results is None:
-            keep_results = save_callback is None
-        options = make_options(num_procs=num_procs, save_batch=save_batch,
-                               batch_size=batch_size, errors=errors, max_retries=max_retries,
-                               item_timeout=item_timeout, chunk_size=chunk_size,
-                               start_method=start_method, keep_results=keep_results,
-                               backend=backend)
-        self.spec: Spec = make_spec(data_list, process, out_path, save_callback=save_callback,
-                                    shared_data=shared_data, init_function=init_function,
-                                    options=options)
+    def __init__(self, data_list: Sequence, process: Callable, out_path: str, **options: Any):
+        self._setup(make_spec(data_list, process, out_path, make_options(**options)))
+
+    @classmethod
+    def _with_options(cls, data_list: Sequence, process: Callable, out_path: str,
+                      options: Options) -> Job:
+        """A Job with options already checked (``mp_lock`` & co. check their own)."""
+        job = cls.__new__(cls)
+        job._setup(make_spec(data_list, process, out_path, options))
+        return job
+
+    def _setup(self, spec: Spec) -> None:
+        self.spec = spec
         self.out_path = self.spec.out_path
         self._lock = threading.RLock()
         self._state = JobState.IDLE
-        self._observers: list[Callable[[Event], None]] = []
+        self._channel = notifier.channel()
         self._runner: Runner | None = None
+        self._published: Published | None = None
         self._thread: threading.Thread | None = None
-        self._end = _RunEnd()
+        self._end = RunEnd()
         self.error: BaseException | None = None
         #: What the last run's stop left undone, in words (results not saved,
         #: a save_callback call abandoned); empty when nothing was.
@@ -282,34 +149,23 @@ class Job:
         self._rate_samples: deque = deque()
         self._elapsed_before = 0.0
         self.reattached = False
-        self._stored_counters: Counters | None = None
-        self._stored_failures: tuple[Failure, ...] = ()
+        self._stored: Published | None = None
+        #: Views keep their own state here (the panel of this job, say).
+        self.view_state: dict = {}
 
     # -- what the disk says before anything runs -------------------------
-    def _stored(self) -> Counters:
-        """Counters from the run directory: shown before a start, after a restart.
+    def _from_disk(self) -> Published:
+        """Numbers and failures from the run directory: shown before a start, after a
+        restart. Read on first use, so a Job that is started at once never reads it."""
+        if self._stored is None:
+            total, done, failures = stored_state(self.out_path, self.spec.items)
+            self._stored = Published(Tally(total=total, done_before=done, failed=len(failures)),
+                                     failures=failures)
+        return self._stored
 
-        Read on first use, so a Job that is started at once never reads twice.
-        """
-        if self._stored_counters is None:
-            self._stored_counters = self._read_stored()
-        return self._stored_counters
-
-    def _read_stored(self) -> Counters:
-        counters = Counters()
-        complete = read_complete(self.out_path)
-        if complete is not None and complete[0] == items_hash(self.spec.items):
-            counters.total = counters.done_before = complete[2]
-            return counters
-        unique = set(self.spec.items)
-        counters.total = len(unique)
-        if os.path.isdir(self.out_path):
-            contents = read_contents(self.out_path)
-            counters.done_before = len(unique.intersection(contents.done))
-            counters.failed = sum(1 for k in contents.failures if k in unique)
-            self._stored_failures = tuple(sorted(contents.failures.values(),
-                                                 key=lambda f: f.time))
-        return counters
+    def _latest(self) -> Published:
+        published = self._published
+        return published if published is not None else self._from_disk()
 
     # -- state -----------------------------------------------------------
     @property
@@ -320,34 +176,28 @@ class Job:
         if self._state not in _ALLOWED[action]:
             raise JobStateError(f"cannot {action}() this job: {_WHY[self._state]}")
 
-    def _set_state(self, state: JobState) -> None:
-        with self._lock:
-            self._state = state
-        self._emit(Event("state", self.progress))
-
     # -- control ---------------------------------------------------------
     def start(self) -> Job:
-        """Start processing in a background thread; returns at once."""
-        with self._lock:
-            self._check("start")
-            self._launch("all")
-        self._emit(Event("state", self.progress))
-        return self
+        """Start processing in a background thread; returns at once.
+
+        After a kernel restart, a Job built again with the same arguments
+        starts where the last run stopped: items recorded done do not run again.
+        """
+        return self._begin("start", "all")
 
     def resume(self) -> Job:
         """Run every item not recorded done (failed ones included) again."""
-        with self._lock:
-            self._check("resume")
-            self._launch("all")
-        self._emit(Event("state", self.progress))
-        return self
+        return self._begin("resume", "all")
 
     def retry_failed(self) -> Job:
         """Run only the items recorded failed."""
+        return self._begin("retry_failed", "failed")
+
+    def _begin(self, action: str, mode: str) -> Job:
         with self._lock:
-            self._check("retry_failed")
-            self._launch("failed")
-        self._emit(Event("state", self.progress))
+            self._check(action)
+            self._launch(mode)
+        self._emit_state()
         return self
 
     def stop(self, force: bool = False) -> Job:
@@ -364,7 +214,7 @@ class Job:
         return self._stop(StopMode.FORCE if force else StopMode.GRACEFUL)
 
     def _stop(self, mode: StopMode, note: str | None = None) -> Job:
-        """Stop with ``mode``; ``StopMode.NOW`` is what Ctrl-C does (see _seed)."""
+        """Stop with ``mode``; ``StopMode.NOW`` is what Ctrl-C does."""
         with self._lock:
             if not self._state.active:
                 return self
@@ -372,13 +222,14 @@ class Job:
             self._state = JobState.STOPPING
         if runner is not None:
             runner.request_stop(mode, note)
-        self._emit(Event("state", self.progress))
+        self._emit_state()
         return self
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the run ends (or ``timeout``); True when it has ended.
 
-        Ctrl-C may land anywhere in it (see :class:`_RunEnd`).
+        When it returns True, the views have been shown the final state.
+        Ctrl-C may land anywhere in it (see :class:`nbmplock._sync.RunEnd`).
         """
         return self._end.wait(timeout)
 
@@ -387,10 +238,9 @@ class Job:
         if existing is not None and existing is not self:
             raise RunLockedError(self.out_path, os.getpid(),
                                  " (another Job in this process; nbmplock.run() returns it)")
-        runner = Runner(self.spec, mode=mode, listener=self._on_runner,
-                        backend_factory=make_backend_factory(self.spec.options))
+        runner = Runner(self.spec, mode=mode, publish=self._on_published)
         previous = self._state
-        handoff = _Handoff()
+        handoff = Handoff()
         try:
             runner.prepare()  # raises here, in the caller, for a locked or unwritable out_path
             _register_exit_hook()  # now that the backend's modules are imported
@@ -399,6 +249,8 @@ class Job:
             self.notes = ()
             self.reattached = False
             self._runner = runner
+            self._published = Published(runner.counters.tally(),
+                                        failures=by_time(runner.store.contents.failures.values()))
             self._rate_samples.clear()
             self._end.begin()
             self._state = JobState.RUNNING
@@ -430,71 +282,61 @@ class Job:
             self._state = previous
             self._end.end()
 
-    def _run(self, runner: Runner, handoff: _Handoff) -> None:
+    def _run(self, runner: Runner, handoff: Handoff) -> None:
         if not handoff.claim("thread"):
             return  # start() was interrupted first and has undone the launch
         try:
             outcome = runner.run()
             self.error = outcome.error
             self.notes = outcome.notes
-            state = {"finished": JobState.FINISHED, "stopped": JobState.STOPPED,
-                     "failed": JobState.FAILED}[outcome.status]
+            state = _END_STATE[outcome.status]
         except BaseException as exc:  # noqa: BLE001 - a bug must not leave the job RUNNING
             log.exception("nbmplock: the run ended with an internal error")
             self.error = exc
             state = JobState.FAILED
         self._elapsed_before = time.monotonic() - runner.counters.started
-        self._stored_failures = tuple(sorted(runner.store.contents.failures.values(),
-                                             key=lambda f: f.time))
         with self._lock:
             self._state = state
         try:
-            self._emit(Event("state", self.progress))
+            self._emit_state()
+            self._channel.flush(_FLUSH_TIMEOUT)
         finally:
             self._end.end()  # after the views saw the final state
 
     # -- observing -------------------------------------------------------
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[Event], None], *,
+                  weak: bool = False) -> Callable[[], None]:
         """Call ``callback(event)`` on every change; returns an unsubscribe function.
 
-        Called from the job's thread, at most about 10 times per second.
+        Called on the views thread, at most about 10 times per second (state
+        changes at once). ``weak=True`` holds ``callback`` (a bound method
+        too) weakly: a view that is gone stops being called.
         """
-        with self._lock:
-            self._observers.append(callback)
+        return self._channel.subscribe(callback, weak=weak)
 
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._observers:
-                    self._observers.remove(callback)
-        return unsubscribe
+    def _emit_state(self) -> None:
+        self._channel.post(Event(EventKind.STATE, self.progress), state=True)
 
-    def _emit(self, event: Event) -> None:
-        with self._lock:
-            observers = list(self._observers)
-        for callback in observers:
-            try:
-                callback(event)
-            except Exception:  # noqa: BLE001 - a broken view must not break the run
-                log.exception("nbmplock: an observer of the job raised")
-
-    def _on_runner(self, counters: Counters, output: list, failures: list) -> None:
+    def _on_published(self, published: Published) -> None:
+        """The manager thread published its numbers: keep them, tell the views."""
         now = time.monotonic()
         samples = self._rate_samples
-        samples.append((now, counters.done))
+        samples.append((now, published.tally.done))
         while len(samples) > 2 and now - samples[0][0] > _RATE_WINDOW:
             samples.popleft()
-        self.output.extend(output)
-        self._emit(Event("progress", self.progress, tuple(output), tuple(failures)))
+        self._published = published
+        self.output.extend(published.output)
+        self._channel.post(Event(EventKind.PROGRESS, self.progress, published.output,
+                                 published.new_failures), state=False)
 
     # -- numbers ---------------------------------------------------------
     @property
     def progress(self) -> Progress:
-        runner = self._runner
-        c = runner.counters if runner is not None else self._stored()
+        c = self._latest().tally
         state = self._state
         now = time.monotonic()
         done = c.done_before + c.done
-        if runner is not None and state.active:
+        if self._runner is not None and state.active:
             elapsed = now - c.started
             try:
                 t0, d0 = self._rate_samples[0]
@@ -508,17 +350,12 @@ class Job:
         remaining = max(0, c.total - done - (c.failed if not state.active else 0))
         eta = remaining / rate if rate > 0 and state.active else None
         return Progress(c.total, done, c.done_before, c.failed, c.in_flight,
-                        tuple(sorted(c.in_flight_by_worker.items())), rate, elapsed, eta, state)
+                        c.in_flight_by_worker, rate, elapsed, eta, state)
 
     @property
     def failures(self) -> tuple[Failure, ...]:
         """Items recorded failed (latest attempt each), oldest first."""
-        runner = self._runner
-        if runner is not None and self._state.active and runner.store is not None:
-            return tuple(sorted(runner.store.contents.failures.values(), key=lambda f: f.time))
-        if runner is None:
-            self._stored()  # reads the stored failures from disk, once
-        return self._stored_failures
+        return self._latest().failures
 
     @property
     def summary(self) -> RunSummary:
@@ -580,28 +417,32 @@ class Job:
     def __repr__(self) -> str:
         return f"<{self.status_text()}>"
 
+    @property
+    def panel(self):
+        """The live panel of this job, an ipywidgets ``VBox``: the same one for every
+        display of the job, to place in a layout (``widgets.HBox([job.panel, plot])``),
+        a dashboard or Voila. Needs ``pip install "nbmplock[notebook]"``."""
+        return views.panel(self)
+
     def _repr_mimebundle_(self, include=None, exclude=None):
-        text = self.status_text()
-        try:
-            from ._panel import Panel
-            panel = Panel(self)
-        except ImportError:
-            return {"text/plain": text}
-        if self.state.active:  # the text of an exported notebook is frozen at this moment
-            text += " (live panel: open the notebook in Jupyter)"
-        bundle = panel._repr_mimebundle_(include=include, exclude=exclude) or {}
-        if isinstance(bundle, tuple):
-            bundle = bundle[0]
-        bundle = dict(bundle)
-        bundle["text/plain"] = text
-        return bundle
+        if views is None:
+            return {"text/plain": self.status_text()}
+        return views.mimebundle(self, include, exclude)
 
 
-def run(data_list: Sequence[str], process: Callable, out_path: str, **kwargs: Any) -> Job:
+Job.__init__.__signature__ = signature(
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    *(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+      for name in ("data_list", "process", "out_path")))
+Job.__doc__ = Job.__doc__.replace("{options}", options_doc().replace("\n", "\n    "))
+
+
+def run(data_list: Sequence, process: Callable, out_path: str, **options: Any) -> Job:
     """Build a :class:`Job` and start it; return it (the cell's last line shows its panel).
 
     If this process already runs a Job on ``out_path`` (the cell was run again),
     no second run starts: that live Job is returned, and a warning says so.
+    Takes the options of :class:`Job`.
     """
     try:
         existing = live_job(check_out_path("out_path", out_path))
@@ -612,6 +453,28 @@ def run(data_list: Sequence[str], process: Callable, out_path: str, **kwargs: An
                     "instead of starting a second one", out_path)
         existing.reattached = True
         return existing
-    job = Job(data_list, process, out_path, **kwargs)
+    job = Job(data_list, process, out_path, **options)
     job.start()
     return job
+
+
+run.__signature__ = signature(*(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                for name in ("data_list", "process", "out_path")))
+
+
+def stop_after_interrupt(job: Job) -> None:
+    """Stop ``job`` at once after Ctrl-C (a script's, or the kernel's interrupt),
+    wherever the interrupt landed.
+
+    The first Ctrl-C kills the workers and lets a ``save_callback`` call in
+    progress complete (the stop takes effect within about one call); another
+    one, while this waits, stops by force, without waiting for ``save_callback``.
+    """
+    mode = StopMode.NOW
+    while True:
+        try:
+            job._stop(mode)
+            job.wait()
+            return
+        except KeyboardInterrupt:
+            mode = StopMode.FORCE

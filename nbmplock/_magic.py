@@ -12,23 +12,24 @@ from __future__ import annotations
 
 import logging
 import types
+from dataclasses import fields
 from collections.abc import Callable
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from ._errors import JobStateError, MissingDependencyError
+from ._errors import JobStateError
 
-try:
-    from IPython.core.error import UsageError
-    from IPython.core.magic import Magics, cell_magic, magics_class
-    from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-    from IPython.display import display
-except ImportError as exc:  # pragma: no cover - IPython is there whenever a magic can run
-    raise MissingDependencyError(
-        'the %%mplock magic needs IPython: pip install "nbmplock[notebook]"') from exc
+from ._optional import require
 
-from ._job import Event, Job, JobState, run
-from ._runner import StopMode
+require("IPython")
+from IPython.core.error import UsageError  # noqa: E402 - after the check above
+from IPython.core.magic import Magics, cell_magic, magics_class  # noqa: E402
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring  # noqa: E402
+from IPython.display import display  # noqa: E402
+
+from ._job import Job, run, stop_after_interrupt
+from ._options import Options, opt_of
+from ._state import Event, JobState
 
 log = logging.getLogger("nbmplock")
 
@@ -78,6 +79,28 @@ def pick_function(before: dict, after: dict, filename: str | None = None
         f"`def process(item, shared_data, init_values): ...`; it defined no function{others}.")
 
 
+def _option_arguments(func):
+    """The magic's flag of every option that has one, from the options record."""
+    for f in reversed(fields(Options)):
+        opt = opt_of(f)
+        if opt.flag is None:
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None}
+        if opt.choices:
+            kwargs["choices"] = opt.choices
+        if opt.metavar:
+            kwargs["metavar"] = opt.metavar
+        if opt.flag_type is not None:
+            kwargs["type"] = opt.flag_type
+        help_text = opt.help
+        if f.default is not None and not opt.choices:
+            help_text += f" (default {f.default!r})"
+        if opt.from_namespace:
+            help_text += "; give the name of a notebook variable (or an expression)"
+        func = argument(opt.flag, help=help_text.replace("%", "%%"), **kwargs)(func)
+    return func
+
+
 @magics_class
 class MplockMagics(Magics):
     """Holds the ``%%mplock`` cell magic."""
@@ -91,30 +114,7 @@ class MplockMagics(Magics):
               "notebook (quote it if it contains spaces)")
     @argument("--out", required=True, metavar="OUT_PATH",
               help="run directory: every finished item is recorded there (required)")
-    @argument("--procs", type=int, default=None, metavar="N",
-              help="number of worker processes (default: one per CPU)")
-    @argument("--init", default=None, metavar="NAME",
-              help="init_function(shared_data), run once per worker; its return value "
-              "is init_values")
-    @argument("--shared", default=None, metavar="NAME",
-              help="shared_data passed to every call")
-    @argument("--save", default=None, metavar="NAME",
-              help="save_callback(output_filepath, data_results, data_names)")
-    @argument("--save-batch", type=int, default=None, metavar="N",
-              help="results per save_callback call (default 10)")
-    @argument("--batch", type=int, default=None, metavar="N",
-              help="give the function lists of N items (batch mode)")
-    @argument("--errors", choices=("raise", "record"), default=None,
-              help="'record' (default) records a failing item and carries on; 'raise' "
-              "stops the run")
-    @argument("--retries", type=int, default=None, metavar="N",
-              help="retry a failing item up to N times")
-    @argument("--timeout", type=float, default=None, metavar="SECONDS",
-              help="fail an item that runs longer than this (its worker is killed)")
-    @argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None,
-              help="how worker processes start (default: the platform's)")
-    @argument("--backend", default=None, metavar="ADDRESS",
-              help="Dask scheduler address, or the name of a distributed.Client variable")
+    @_option_arguments
     @argument("--into", default=None, metavar="VAR",
               help="when the run finishes, store the results, in item order, in VAR")
     @argument("--job", default=DEFAULT_JOB_VAR, metavar="VAR",
@@ -156,20 +156,16 @@ class MplockMagics(Magics):
         _, process = self._run_body(cell)
         items = self._evaluate("items", _unquote(args.items))
         kwargs: dict[str, Any] = {}
-        for option, key in (("init", "init_function"), ("shared", "shared_data"),
-                            ("save", "save_callback")):
-            expr = getattr(args, option)
-            if expr is not None:
-                kwargs[key] = self._evaluate(f"--{option}", _unquote(expr))
-        for option, key in (("procs", "num_procs"), ("save_batch", "save_batch"),
-                            ("batch", "batch_size"), ("errors", "errors"),
-                            ("retries", "max_retries"), ("timeout", "item_timeout"),
-                            ("start_method", "start_method")):
-            value = getattr(args, option)
-            if value is not None:
-                kwargs[key] = value
-        if args.backend is not None:
-            kwargs["backend"] = self._backend(_unquote(args.backend))
+        for f in fields(Options):
+            opt = opt_of(f)
+            value = getattr(args, f.name, None) if opt.flag else None
+            if value is None:
+                continue
+            if f.name == "backend":
+                value = self._backend(_unquote(value))
+            elif opt.from_namespace:
+                value = self._evaluate(opt.flag, _unquote(value))
+            kwargs[f.name] = value
         if into is not None:
             kwargs["keep_results"] = True
 
@@ -242,14 +238,7 @@ class MplockMagics(Magics):
             _store_results(job, self.shell.user_ns, into)  # the observer may not have run yet
 
     def _interrupted(self, job: Job, job_var: str) -> None:
-        mode = StopMode.NOW  # the workers now; a save_callback call in progress completes
-        while True:
-            try:
-                job._stop(mode)
-                job.wait()
-                break
-            except KeyboardInterrupt:
-                mode = StopMode.FORCE  # interrupted again: wait for nothing
+        stop_after_interrupt(job)  # a second interrupt meanwhile stops by force
         if job.state is JobState.FINISHED:
             return
         p = job.progress

@@ -1,10 +1,9 @@
 """The notebook view of a Job: an ipywidgets ``VBox`` that stays live.
 
 :class:`Panel` builds its widgets once, then only changes their values. It
-subscribes to the Job; events arrive on the job's background thread and are
-applied at most :data:`MIN_INTERVAL` apart (a dropped progress event is
-flushed by a timer, so the last numbers always show); state events apply at
-once. Every text that came from the user (items, messages, tracebacks, worker
+subscribes to the Job (weakly); events arrive on the views thread of
+:mod:`nbmplock._notify`, which already coalesces them to about ten a second,
+and are applied as they come. Every text that came from the user (items, messages, tracebacks, worker
 output) is HTML-escaped.
 
 Stable hooks for browser tests: the root has the CSS class ``nbmplock-panel``;
@@ -24,24 +23,21 @@ from __future__ import annotations
 import functools
 import html
 import threading
-import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._errors import MissingDependencyError
+from ._optional import require
 
-try:
-    import ipywidgets as widgets
-except ImportError as exc:  # pragma: no cover - exercised by a test that hides ipywidgets
-    raise MissingDependencyError(
-        'the nbmplock panel needs ipywidgets: pip install "nbmplock[notebook]"') from exc
+widgets = require("ipywidgets")
 
-from ._job import Event, Job, JobState, Progress
+from ._fingerprint import function_name
+from ._job import Job
+from ._state import Event, EventKind, JobState, Progress
 from ._store import Failure
 from ._text import clip, short_repr
 
-MIN_INTERVAL = 0.1
 MAX_FAILURE_ROWS = 100
 OUTPUT_LINES = 50
 REATTACHED_NOTICE = "A run on this out_path is already going in this kernel; showing it."
@@ -97,13 +93,6 @@ def workers_text(progress: Progress) -> str:
     return f"in flight per worker: {per}"
 
 
-def function_name(fn: Callable) -> str:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) \
-        or type(fn).__qualname__
-
-
 def failures_html(failures: Iterable[Failure], total_failed: int | None = None) -> str:
     """An escaped HTML table of the last :data:`MAX_FAILURE_ROWS` of ``failures``.
 
@@ -155,16 +144,41 @@ def _nothing() -> None:
     pass
 
 
+#: The panel shown for each run directory: a new Job on the same directory (the
+#: cell was run again) closes the panel of the old one, unless it still runs.
+_by_path: dict[str, weakref.ReferenceType] = {}
+_by_path_lock = threading.Lock()
+
+
+def panel_for(job: Job) -> Panel:
+    """The panel of ``job`` (``job.panel``): built on first use, then the same one for
+    every display, so re-running a cell or displaying a job many times adds no
+    subscriber and no thread."""
+    panel = job.view_state.get("panel")
+    if panel is None or panel._closed:
+        panel = job.view_state["panel"] = Panel(job)
+        with _by_path_lock:
+            old_ref = _by_path.get(job.out_path)
+            _by_path[job.out_path] = weakref.ref(panel)
+        old = old_ref() if old_ref is not None else None
+        if old is not None and old is not panel and not old._job.state.active:
+            old.close()
+    elif job.reattached and job.state.active:
+        panel._set_notice(REATTACHED_NOTICE)
+    return panel
+
+
 class Panel(widgets.VBox):
     """A live view of a :class:`~nbmplock.Job`, with Start/Stop/Resume/Retry buttons.
 
-    Displaying a Job shows one of these; each display is its own live panel.
-    Close it (:meth:`close`) to stop it listening to the job.
+    ``job.panel`` is the one panel of a job; every display of the job shows it
+    (several views of one widget, all live). Close it (:meth:`close`) to stop
+    it listening to the job. It subscribes weakly: a closed panel that is
+    dropped is no longer called.
 
     Examples
     --------
-    >>> from nbmplock._panel import Panel          # doctest: +SKIP
-    >>> Panel(job)                                  # doctest: +SKIP
+    >>> widgets.HBox([job.panel, plot])            # doctest: +SKIP
     """
 
     def __init__(self, job: Job, **kwargs: Any):
@@ -172,10 +186,6 @@ class Panel(widgets.VBox):
         self._lock = threading.RLock()
         self._closed = False
         self._unsubscribe: Callable[[], None] = _nothing  # until subscribed, at the end
-        self._next_apply = 0.0
-        self._pending: Progress | None = None
-        self._pending_output = False
-        self._timer: threading.Timer | None = None
         # the newest failures by item, fed by events: no full sort of job.failures per update
         self._recent_failures: OrderedDict[str, Failure] = OrderedDict()
         self._failures_dirty = True
@@ -240,43 +250,20 @@ class Panel(widgets.VBox):
 
         if job.reattached and job.state.active:
             self._set_notice(REATTACHED_NOTICE)
-        self._unsubscribe = job.subscribe(self._on_event)
+        self._unsubscribe = job.subscribe(self._on_event, weak=True)
         self.refresh()
 
-    # -- the job's events (background thread) ----------------------------
+    # -- the job's events (the views thread, at most ~10 a second) --------
     def _on_event(self, event: Event) -> None:
-        if self._closed:
-            return
-        now = time.monotonic()
         with self._lock:
+            if self._closed:
+                return
             self._add_failures(event.failures)
-            output = self._pending_output or bool(event.output)
-            if event.kind == "state":
-                self._pending, self._pending_output = None, False
+            if event.kind == EventKind.STATE:
                 self._load_failures()
                 self._apply(event.progress, output=True, state_event=True)
-            elif now < self._next_apply:  # coalesce; the timer shows the latest
-                self._pending, self._pending_output = event.progress, output
-                if self._timer is None:
-                    self._timer = threading.Timer(self._next_apply - now, self._flush)
-                    self._timer.daemon = True
-                    self._timer.start()
             else:
-                self._pending, self._pending_output = None, False
-                self._apply(event.progress, output=output)
-
-    # Invariant (the last numbers always show): under ``_lock``, an event inside
-    # the throttle window stores itself as ``_pending`` and makes sure a timer
-    # exists; the timer clears ``_timer`` and applies ``_pending`` under the
-    # same lock. So a pending progress is applied by that timer or by a later
-    # event, and a state event applies at once and clears it.
-    def _flush(self) -> None:
-        with self._lock:
-            self._timer = None
-            progress, self._pending = self._pending, None
-            output, self._pending_output = self._pending_output, False
-            if progress is not None and not self._closed:
-                self._apply(progress, output=output)
+                self._apply(event.progress, output=bool(event.output))
 
     def refresh(self) -> None:
         """Show the job's current numbers now (the panel also does this by itself)."""
@@ -302,7 +289,6 @@ class Panel(widgets.VBox):
     def _apply(self, p: Progress, *, output: bool = False, state_event: bool = False) -> None:
         if self._closed:
             return
-        self._next_apply = time.monotonic() + MIN_INTERVAL
         state = self._state_text = shown_state(p)
         colour, bar_style = _LOOK[state]
         self.state_badge.value = (
@@ -410,9 +396,6 @@ class Panel(widgets.VBox):
             if self._closed:
                 return
             self._closed = True
-            timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
         self._unsubscribe()
         for child in self._all_children():
             child.close()

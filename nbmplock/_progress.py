@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 from tqdm.auto import tqdm
 
-from ._job import Event, Job
+from ._job import Job
+from ._state import Event
 
 
 #: Lines of worker output written to the terminal per second, at most; the rest
@@ -36,6 +38,11 @@ class TqdmObserver:
         self._hidden = 0    # lines not written since the last note
         self._failed = -1
         self._set_failed(p.failed)
+        self._job = job
+        # Events come on the views thread; close() comes from the caller's: one
+        # lock keeps them from drawing the bar at once.
+        self._lock = threading.Lock()
+        self._closed = False
         self._unsubscribe = job.subscribe(self._on_event)
 
     def _set_failed(self, failed: int) -> None:
@@ -62,16 +69,28 @@ class TqdmObserver:
             self._bar.write("\n".join(shown), file=self._file or sys.stdout)
 
     def _on_event(self, event: Event) -> None:
-        p = event.progress
-        if self._show_output and (event.output or self._hidden):
-            self._write_output(event.output)
+        with self._lock:
+            if self._closed:
+                return
+            p = event.progress
+            if self._show_output and (event.output or self._hidden):
+                self._write_output(event.output)
+            self._show(p)
+
+    def _show(self, p) -> None:
         self._set_failed(p.failed)
         if p.done != self._bar.n:
             self._bar.update(p.done - self._bar.n)
 
     def close(self) -> None:
+        """Show the final numbers and close the bar (the run is over)."""
         self._unsubscribe()
-        if self._hidden:
-            self._window = 0.0
-            self._write_output(())
-        self._bar.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._hidden:
+                self._window = 0.0
+                self._write_output(())
+            self._show(self._job.progress)
+            self._bar.close()

@@ -86,6 +86,8 @@ class Saver:
                  out_path: str):
         self._callback = callback
         self._data_path = data_path
+        self._buf_names: list = []  # manager side: results waiting to fill a batch
+        self._buf_results: list = []
         self._record = record
         self._wake = wake
         self._out_path = out_path
@@ -105,6 +107,46 @@ class Saver:
         self._thread: threading.Thread | None = None
 
     # -- the manager's side ----------------------------------------------
+    def add(self, names: list, results: list, batch: int) -> None:
+        """Results of finished items: handed over in batches of ``batch``; the
+        last, short batch waits for :meth:`finish`."""
+        self._buf_names.extend(names)
+        self._buf_results.extend(results)
+        while len(self._buf_names) >= batch:
+            self.put(self._buf_names[:batch], self._buf_results[:batch])
+            del self._buf_names[:batch], self._buf_results[:batch]
+
+    @property
+    def unsaved(self) -> int:
+        """Finished items not yet recorded done: buffered, queued or being saved."""
+        return len(self._buf_names) + self.pending
+
+    def finish(self, stop_deadline: float | None, keep_buffer: bool = True) -> None:
+        """No more results: hand over the last batch (unless ``keep_buffer`` is
+        False) and let the thread end once it has saved what it holds.
+        ``stop_deadline``: a stop, see :meth:`finish_by`."""
+        if self._buf_names and keep_buffer and self.error is None:
+            self.put(self._buf_names, self._buf_results)
+        self._buf_names, self._buf_results = [], []
+        if stop_deadline is not None:
+            self.finish_by(stop_deadline)
+        self.close()
+
+    def abandon_all(self) -> list[str]:
+        """A Force stop (or an error): :meth:`abandon`, and what it left, in words."""
+        queued = len(self._buf_names) + self.drop_pending()
+        self._buf_names, self._buf_results = [], []
+        running = self.abandon()
+        notes = []
+        if running:
+            notes.append(f"a save_callback call ({running:,} items) had not returned and was "
+                         "abandoned: its items are not recorded done (if it returns, it may "
+                         "have saved them anyway, and they run again on resume)")
+        if queued:
+            notes.append(f"{queued:,} finished items were not handed to save_callback (stopped "
+                         "by force); they are not recorded done and run again on resume")
+        return notes
+
     def put(self, names: list, results: list) -> None:
         with self._cond:
             if self._closed or self._abandoned or self.error is not None:

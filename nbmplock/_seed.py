@@ -7,38 +7,28 @@ finished item recorded, and running the same call again resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._errors import InvalidArgumentsError
-from ._job import Job, RunSummary
-from ._runner import StopMode, items_hash
-from ._store import read_complete, read_contents
+from ._job import Job, RunSummary, stop_after_interrupt
+from ._options import make_options, positive_int
+from ._store import is_complete
 from ._text import clip, short_repr
-from ._validate import check_items, check_out_path, positive_int
+from ._validate import check_items, check_out_path
 
 log = logging.getLogger("nbmplock")
 
-OPTIONS = ("errors", "max_retries", "item_timeout", "chunk_size", "start_method", "backend")
-
-
-def _check_options(options: dict) -> None:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise InvalidArgumentsError(", ".join(unknown), "keyword options among " + ", ".join(OPTIONS))
-
-
 def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, shared_data,
          init_function, verbose, batch_size=None, keep_results=False, options) -> Job:
-    _check_options(options)
-    if options.get("backend") is None:
-        positive_int("num_procs", num_procs)
-    job = Job(data_list, process, out_path, save_callback=save_callback, num_procs=num_procs,
-              save_batch=save_batch, shared_data=shared_data, init_function=init_function,
-              batch_size=batch_size, keep_results=keep_results,
-              errors=options.get("errors", "raise"),
-              **{k: v for k, v in options.items() if k != "errors"})
+    options = make_options(seed=True, save_callback=save_callback, num_procs=num_procs,
+                           save_batch=save_batch, shared_data=shared_data,
+                           init_function=init_function, **options)
+    if options.backend is None:
+        positive_int("num_procs", num_procs)  # the seed library's rule: a number of processes
+    job = Job._with_options(data_list, process, out_path, dataclasses.replace(
+        options, batch_size=batch_size, keep_results=keep_results))
     bar = None
     if verbose:
         from ._progress import TqdmObserver
@@ -48,7 +38,7 @@ def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, 
             job.start()
             job.wait()
         except KeyboardInterrupt:
-            _stop_after_interrupt(job)
+            stop_after_interrupt(job)
             p = job.progress
             notes = "".join(f" Note: {note}." for note in job.notes)
             raise KeyboardInterrupt(
@@ -64,23 +54,6 @@ def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, 
         log.warning("nbmplock: item %s failed: %s", short_repr(failure.item),
                     clip(failure.summary(), 300))
     return job
-
-
-def _stop_after_interrupt(job: Job) -> None:
-    """Stop ``job`` at once, wherever the interrupt landed.
-
-    The first Ctrl-C kills the workers and lets a ``save_callback`` call in
-    progress complete (the stop takes effect within about one call); a
-    second one stops by force, without waiting for ``save_callback``.
-    """
-    mode = StopMode.NOW
-    while True:
-        try:
-            job._stop(mode)
-            job.wait()
-            return
-        except KeyboardInterrupt:
-            mode = StopMode.FORCE
 
 
 def mp_lock(data_list: Sequence[str], process: Callable, save_callback: Callable | None,
@@ -139,10 +112,4 @@ def mp_lock_batch(data_list: Sequence[str], process: Callable, save_callback: Ca
 
 def is_mp_lock_completed(data_list: Sequence[str], out_path: str) -> bool:
     """True when every item of ``data_list`` is recorded done in ``out_path``."""
-    items = check_items("data_list", data_list)
-    out_path = check_out_path("out_path", out_path)
-    complete = read_complete(out_path)
-    if complete is not None and complete[0] == items_hash(items):
-        return True
-    done = read_contents(out_path).done
-    return bool(done) and done.issuperset(items)
+    return is_complete(check_out_path("out_path", out_path), check_items("data_list", data_list))

@@ -53,11 +53,12 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from ._errors import (InvalidArgumentsError, RunDirectoryLostError, RunLockedError,
-                      StoreCorruptError)
+from ._errors import (FailureKind, InvalidArgumentsError, RunDirectoryLostError,
+                      RunLockedError, StoreCorruptError)
+from ._fingerprint import Fingerprint, items_hash
 
 log = logging.getLogger("nbmplock")
 
@@ -83,13 +84,14 @@ def _test_hook(where: str) -> None:
 class Failure:
     """Why one item is not done.
 
-    ``kind`` is ``"exception"`` (``process`` raised), ``"died"`` (the worker
-    process died holding it), ``"timeout"`` (longer than ``item_timeout``) or
-    ``"unpicklable"`` (its result could not be sent back).
+    ``kind`` is a :class:`FailureKind` (also a ``str``): ``"exception"``
+    (``process`` raised), ``"died"`` (the worker process died holding it),
+    ``"timeout"`` (longer than ``item_timeout``) or ``"unpicklable"`` (its
+    result could not be sent back).
     """
 
-    item: str
-    kind: str
+    item: Any
+    kind: FailureKind
     exc_type: str
     message: str
     traceback: str
@@ -99,31 +101,22 @@ class Failure:
     duration: float | None = None
     time: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, FailureKind):  # read back from the log as text
+            object.__setattr__(self, "kind", FailureKind(self.kind))
+
     def summary(self) -> str:
         return f"{self.exc_type}: {self.message}" if self.message else self.exc_type
 
+    def row(self) -> tuple:
+        """What the log stores: the fields, ``kind`` as its text."""
+        return (self.item, self.kind.value, self.exc_type, self.message, self.traceback,
+                self.attempts, self.worker_pid, self.exitcode, self.duration, self.time)
 
-@dataclass(frozen=True)
-class Fingerprint:
-    function: str
-    function_hash: str
-    n_items: int
-    items_hash: str
-    n_distinct: int | None = None
 
-    def changes_from(self, old: Fingerprint | None) -> list[str]:
-        """Plain-language differences from the run recorded before."""
-        if old is None:
-            return []
-        changes = []
-        if old.function_hash != self.function_hash:
-            if old.function == self.function:
-                changes.append(f"the source of the process function {self.function!r} changed")
-            else:
-                changes.append(f"the process function changed ({old.function} -> {self.function})")
-        if old.items_hash != self.items_hash:
-            changes.append(f"the item list changed ({old.n_items} -> {self.n_items} items)")
-        return changes
+def by_time(failures: Iterable[Failure]) -> tuple[Failure, ...]:
+    """Failures oldest first (the order every view shows them in)."""
+    return tuple(sorted(failures, key=lambda f: f.time))
 
 
 @dataclass
@@ -363,9 +356,34 @@ def read_snapshot(out_path: str) -> Snapshot:
         last = os.stat(path).st_mtime
     except OSError:
         last = None
-    failures = tuple(sorted(contents.failures.values(), key=lambda f: f.time))
+    failures = by_time(contents.failures.values())
     return Snapshot(out_path, len(contents.done), failures, read_fingerprint(out_path),
                     last, lock_holder(out_path), contents.torn_bytes, contents.last_end)
+
+
+def is_complete(out_path: str, items) -> bool:
+    """True when every item of ``items`` is recorded done in ``out_path``."""
+    if not os.path.isdir(state_dir(out_path)):
+        return False
+    complete = read_complete(out_path)
+    if complete is not None and complete[0] == items_hash(items):
+        return True
+    done = read_contents(out_path).done
+    return bool(done) and done.issuperset(items)
+
+
+def stored_state(out_path: str, items) -> tuple[int, int, tuple[Failure, ...]]:
+    """``(total, done, failures)`` of ``items`` in ``out_path``, without taking its lock:
+    what a Job shows before it starts (after a kernel restart, say)."""
+    complete = read_complete(out_path)
+    if complete is not None and complete[0] == items_hash(items):
+        return complete[2], complete[2], ()
+    unique = set(items)
+    if not os.path.isdir(state_dir(out_path)):
+        return len(unique), 0, ()
+    contents = read_contents(out_path)
+    failures = by_time(f for key, f in contents.failures.items() if key in unique)
+    return len(unique), len(unique.intersection(contents.done)), failures
 
 
 def read_contents(out_path: str, *, results: bool = False, names: bool = True) -> Contents:
@@ -546,7 +564,7 @@ class RunStore:
         failures = list(failures)
         if not failures:
             return
-        rows = [astuple(f) for f in failures]
+        rows = [f.row() for f in failures]
         self._append(_frame(_FAIL, 0, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
         for f in failures:
             self.contents.failures[f.item] = f
@@ -661,7 +679,7 @@ def _compact(log_path: str, contents: Contents) -> None:
             names = with_results[group_start:group_start + _COMPACT_GROUP]
             f.writelines(_frame(_DONE, *_done_payload(names, [contents.results[k] for k in names])))
         if contents.failures:
-            rows = [astuple(x) for x in contents.failures.values()]
+            rows = [x.row() for x in contents.failures.values()]
             f.writelines(_frame(_FAIL, 0, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
         f.flush()
         os.fsync(f.fileno())

@@ -1,72 +1,43 @@
-"""Up-front argument checks and the frozen options they produce.
+"""Up-front checks of a run's items, function and directory, and the :class:`Spec`.
 
 Every check raises :class:`InvalidArgumentsError` naming the argument and what
-was expected, before a file is touched or a process started.
+was expected, before a file is touched or a process started. The options are
+checked by :mod:`nbmplock._options`.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._errors import InvalidArgumentsError
-
-ERRORS_MODES = ("raise", "record")
-START_METHODS = ("fork", "spawn", "forkserver")
-
-
-@dataclass(frozen=True)
-class Options:
-    """How a run is executed; built once by :func:`make_options`."""
-
-    num_procs: int | None = None
-    save_batch: int = 10
-    batch_size: int | None = None
-    errors: str = "raise"
-    max_retries: int = 0
-    item_timeout: float | None = None
-    chunk_size: int | None = None
-    start_method: str | None = None
-    keep_results: bool = False
-    backend: Any = None
+from ._options import Options
 
 
 @dataclass(frozen=True)
 class Spec:
     """Everything a run needs: what to do, on which items, where to record it."""
 
-    items: Sequence[str]
+    items: Sequence
     process: Callable[..., Any]
     out_path: str
-    save_callback: Callable[[str, list, list], Any] | None
-    shared_data: Any
-    init_function: Callable[[Any], Any] | None
     options: Options
 
+    @property
+    def save_callback(self) -> Callable[[str, list, list], Any] | None:
+        return self.options.save_callback
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    @property
+    def shared_data(self) -> Any:
+        return self.options.shared_data
 
-
-def positive_int(name: str, value: object, *, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if not _is_int(value) or value < 1:
-        expected = "a positive int" + (" or None" if allow_none else "")
-        raise InvalidArgumentsError(name, expected, f"got {value!r}")
-    return int(value)
-
-
-def optional_callable(name: str, value: object) -> Callable | None:
-    if value is not None and not callable(value):
-        raise InvalidArgumentsError(name, "a callable or None",
-                                    f"got {type(value).__name__}")
-    return value
+    @property
+    def init_function(self) -> Callable[[Any], Any] | None:
+        return self.options.init_function
 
 
 def check_items(name: str, items: object) -> Sequence[str]:
@@ -141,69 +112,15 @@ def check_out_path(name: str, out_path: object) -> str:
     return out_path
 
 
-def make_options(*, num_procs: object = None, save_batch: object = 10,
-                 batch_size: object = None, errors: object = "raise",
-                 max_retries: object = 0, item_timeout: object = None,
-                 chunk_size: object = None, start_method: object = None,
-                 keep_results: bool = False, backend: object = None) -> Options:
-    """Check every option and return them frozen."""
-    if backend is None:
-        num_procs = positive_int("num_procs", num_procs, allow_none=True)
-    elif num_procs is not None:
-        num_procs = positive_int("num_procs", num_procs)
-    if errors not in ERRORS_MODES:
-        raise InvalidArgumentsError("errors", " or ".join(map(repr, ERRORS_MODES)),
-                                    f"got {errors!r}")
-    if not _is_int(max_retries) or max_retries < 0:
-        raise InvalidArgumentsError("max_retries", "an int >= 0", f"got {max_retries!r}")
-    if item_timeout is not None and (
-            not isinstance(item_timeout, numbers.Real) or isinstance(item_timeout, bool)
-            or not item_timeout > 0):
-        raise InvalidArgumentsError("item_timeout", "a number of seconds > 0 or None",
-                                    f"got {item_timeout!r}")
-    if start_method is not None and start_method not in START_METHODS:
-        raise InvalidArgumentsError("start_method",
-                                    " or ".join(map(repr, START_METHODS)) + " or None",
-                                    f"got {start_method!r}")
-    if backend is not None and not isinstance(backend, str) and not hasattr(backend, "submit"):
-        raise InvalidArgumentsError(
-            "backend", "None, a dask distributed.Client or a scheduler address str",
-            f"got {type(backend).__name__}")
-    if backend is not None:  # a missing extra is bad input too: say so before any work
-        from ._dask import import_distributed
-        import_distributed()
-    return Options(
-        num_procs=num_procs,
-        save_batch=positive_int("save_batch", save_batch),
-        batch_size=positive_int("batch_size", batch_size, allow_none=True),
-        errors=errors,
-        max_retries=int(max_retries),
-        item_timeout=float(item_timeout) if item_timeout is not None else None,
-        chunk_size=positive_int("chunk_size", chunk_size, allow_none=True),
-        start_method=start_method,
-        keep_results=bool(keep_results),
-        backend=backend,
-    )
-
-
-def make_spec(items: object, process: object, out_path: object, *,
-              save_callback: object = None, shared_data: Any = None,
-              init_function: object = None, options: Options) -> Spec:
-    """Check the job's own arguments; ``options`` comes from :func:`make_options`."""
+def make_spec(items: object, process: object, out_path: object, options: Options) -> Spec:
+    """Check the job's own arguments; ``options`` comes from ``make_options``."""
     # A snapshot: the run (and forked workers) must see the list as it was given.
     items = list(check_items("data_list", items))
     if not callable(process):
         raise InvalidArgumentsError("process", "a callable process(item, shared_data, init_values)",
                                     f"got {type(process).__name__}")
-    for name, fn in (("process", process), ("init_function", init_function),
-                     ("save_callback", save_callback)):
+    for name, fn in (("process", process), ("init_function", options.init_function),
+                     ("save_callback", options.save_callback)):
         check_not_lazy(name, fn)
-    return Spec(
-        items=items,
-        process=process,
-        out_path=check_out_path("out_path", out_path),
-        save_callback=optional_callable("save_callback", save_callback),
-        shared_data={} if shared_data is None else shared_data,
-        init_function=optional_callable("init_function", init_function),
-        options=options,
-    )
+    return Spec(items=items, process=process, out_path=check_out_path("out_path", out_path),
+                options=options)

@@ -13,19 +13,19 @@ worker -> parent
     ``("init_error", exc_type, message, tb, exc_bytes)``
     ``("chunk", chunk_id, n_run, has_results, failures, seconds)``
         ``n_run`` items were run (fewer than sent when the stop flag was set);
-        ``failures`` lists
-        ``(pos, count, exc_type, message, traceback, exc_bytes, seconds, kind)``.
+        ``failures`` lists :class:`~nbmplock._backend.ItemError` records.
         When ``has_results`` (the parent needs them), the next message is the
         pickled list of the ``n_run`` return values, on its own: the parent
         stores that very pickle (``mp_lock_value``) instead of pickling the
         results a second time.
 
 Shared memory the parent reads without a message (so a crash or a timeout can
-be blamed on the exact item): ``slot = [chunk_id, pos, started, give_back]`` is
+be blamed on the exact item): the slot (layout in :mod:`nbmplock._backend`) is
 written before each call of ``process``; ``stop_flag`` set to 1 asks every worker
-to return after the item it is running, and the parent setting ``give_back`` to
-a chunk's id asks this worker to return that chunk after its current item (or
-at once, when it has not started it), so that an idle worker can take the rest.
+to return after the item it is running, and the parent setting the slot's
+``SLOT_GIVE_BACK`` to a chunk's id asks this worker to return that chunk after
+its current item (or at once, when it has not started it), so that an idle
+worker can take the rest.
 
 stdout and stderr (file descriptors 1 and 2) are a pipe the parent reads, so
 output of ``print``, of C extensions and of a dying interpreter is kept.
@@ -42,21 +42,14 @@ import signal
 import sys
 import time
 import types
-from typing import Any
 
 import dill
 
-from ._remote import describe_exception
+from ._backend import SLOT_CHUNK, SLOT_GIVE_BACK, SLOT_STARTED, SLOT_UNIT, ItemError
+from ._errors import FailureKind
+from ._wire import describe_exception, dumps
 
 _PR_SET_PDEATHSIG = 1
-
-
-def dumps(obj: Any) -> bytes:
-    """Fast C pickle, falling back to dill for lambdas and the like."""
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
 
 
 def _die_with_parent(parent_pid: int | None) -> None:
@@ -123,17 +116,15 @@ def _send_chunk(conn, chunk_id, n_run, results, failures, seconds) -> None:
         try:
             blob = dumps(results)
         except Exception:
-            msg = _without_unpicklable(("chunk", chunk_id, n_run, results, failures, seconds))
-            results, failures = msg[3], msg[4]
+            results, failures = without_unpicklable(results, failures)
             blob = dumps(results)
     conn.send_bytes(dumps(("chunk", chunk_id, n_run, blob is not None, failures, seconds)))
     if blob is not None:
         conn.send_bytes(blob)
 
 
-def _without_unpicklable(msg):
+def without_unpicklable(results: list, failures: list) -> tuple[list, list]:
     """Turn each result that cannot be pickled into a failure of its item."""
-    kind, chunk_id, n_run, results, failures, seconds = msg
     failures = list(failures)
     clean = []
     for pos, value in enumerate(results):
@@ -141,12 +132,12 @@ def _without_unpicklable(msg):
             dumps(value)
         except Exception as exc:
             name, text, tb, _ = describe_exception(exc)
-            failures.append((pos, 1, name, "the result of process() cannot be pickled: "
-                             f"{text or name}",
-                             tb, None, 0.0, "unpicklable"))
+            failures.append(ItemError(pos, 1, name, "the result of process() cannot be "
+                                      f"pickled: {text or name}", tb, None, 0.0,
+                                      FailureKind.UNPICKLABLE))
             value = None
         clean.append(value)
-    return kind, chunk_id, n_run, clean, failures, seconds
+    return clean, failures
 
 
 class _Value0:
@@ -173,22 +164,24 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
               timing: bool = True):
     """Run ``items`` in order; the one loop every backend uses.
 
-    Returns ``(n_run, results, failures, seconds)`` as in the protocol above.
-    ``slot[1]`` is set to the index of the unit (item, or batch of
-    ``batch_size`` items) before each call of ``process`` (and to -1 after the
-    last), ``slot[2]`` to its start time when ``timing`` (needed for
+    Returns ``(n_run, results, failures, seconds)`` as in the protocol above
+    (``failures`` a list of :class:`ItemError`). The slot's ``SLOT_UNIT`` is
+    set to the index of the unit (item, or batch of ``batch_size`` items)
+    before each call of ``process`` (and to -1 after the last),
+    ``SLOT_STARTED`` to its start time when ``timing`` (needed for
     ``item_timeout``; it costs a clock read per item); ``stop_flag.value`` set,
-    or ``slot[3]`` equal to ``slot[0]`` (this chunk's id, written by the
-    caller), ends the chunk early. The loop is kept tight: it is the per-item
-    cost.
+    or ``SLOT_GIVE_BACK`` equal to ``SLOT_CHUNK`` (this chunk's id, written by
+    the caller), ends the chunk early. The loop is kept tight: it is the
+    per-item cost (the slot's positions are bound to locals).
     """
+    CHUNK, UNIT, STARTED, GIVE_BACK = SLOT_CHUNK, SLOT_UNIT, SLOT_STARTED, SLOT_GIVE_BACK
     step = batch_size or 1
     units = items if batch_size is None else [items[i:i + step]
                                               for i in range(0, len(items), step)]
     flag = _view(stop_flag, "i", _Value0(stop_flag))
     where = _view(slot, "d", slot)
     clock = time.monotonic
-    chunk_id = where[0]
+    chunk_id = where[CHUNK]
     results: list = []
     append = results.append
     failures: list = []
@@ -196,12 +189,12 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
     n_run = len(items)
     chunk_start = time.perf_counter()
     for index, unit in enumerate(units):
-        if flag[0] or where[3] == chunk_id:
+        if flag[0] or where[GIVE_BACK] == chunk_id:
             n_run = index * step
             break
-        where[1] = index
+        where[UNIT] = index
         if timing:
-            started = where[2] = clock()
+            started = where[STARTED] = clock()
         try:
             if batch_size is None:
                 append(process(unit, shared_data, init_values))
@@ -217,10 +210,10 @@ def run_chunk(items, process, shared_data, init_values, batch_size, slot, stop_f
             if exc.__traceback__ is not None:  # start the traceback at the user's frame
                 exc = exc.with_traceback(exc.__traceback__.tb_next)
             seconds = clock() - started if started is not None else None
-            failures.append((index * step, count, *describe_exception(exc), seconds,
-                             "exception"))
+            failures.append(ItemError(index * step, count, *describe_exception(exc), seconds,
+                                      FailureKind.EXCEPTION))
             results.extend([None] * count)
-    where[1] = -1.0
+    where[UNIT] = -1.0
     if not _LAZY.isdisjoint(map(type, results)):
         _fail_lazy_results(results, failures)
     return n_run, results, failures, time.perf_counter() - chunk_start
@@ -250,9 +243,10 @@ def _fail_lazy_results(results: list, failures: list) -> None:
             exc = TypeError(f"process() returned {what}: its body never ran, so the item "
                             "is not done. Return the result itself (collect a generator "
                             "with list(...), run a coroutine with asyncio.run(...)).")
-            failures.append((pos, 1, *describe_exception(exc), None, "exception"))
+            failures.append(ItemError(pos, 1, *describe_exception(exc), None,
+                                      FailureKind.EXCEPTION))
             results[pos] = None
-    failures.sort(key=lambda f: f[0])
+    failures.sort(key=lambda f: f.pos)
 
 
 def main(tasks, conn, out_conn, payload, slot, stop_flag, close_fds, want_results,
@@ -299,7 +293,7 @@ def main(tasks, conn, out_conn, payload, slot, stop_flag, close_fds, want_result
         chunk_id, items = pickle.loads(msg)
         if type(items) is tuple:  # a span of data_list, which a forked worker has
             items = all_items[items[0]:items[1]]
-        slot[0] = chunk_id
+        slot[SLOT_CHUNK] = chunk_id
         n_run, results, failures, seconds = run_chunk(
             items, process, shared_data, init_values, batch_size, slot, stop_flag, timing)
         _flush_output()

@@ -27,7 +27,7 @@ psutil = pytest.importorskip("psutil")
 import dask  # noqa: E402
 
 import nbmplock  # noqa: E402
-from nbmplock import _dask  # noqa: E402
+from nbmplock import _dask, _dask_worker  # noqa: E402
 from nbmplock._store import read_contents  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -596,11 +596,12 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path):
 def test_missing_distributed_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(nbmplock.MissingDependencyError, match=r'pip install "nbmplock\[dask\]"'):
-        _dask.import_distributed()
+        nbmplock.mp_lock(["a"], reverse, None, None, "unused", backend="tcp://127.0.0.1:9",
+                         verbose=False)
 
 
 def _cached_runs() -> list:
-    from nbmplock import _dask as worker_side
+    from nbmplock import _dask_worker as worker_side
     return sorted(worker_side._jobs)
 
 
@@ -617,18 +618,18 @@ def test_worker_side_cache_is_dropped_at_shutdown(client, tmp_path):
 
 def test_stop_flag_polls_rarely():
     """Reading the flag costs nothing between polls: no scheduler call per item."""
-    flag = _dask._StopFlag("token-not-running", "nbmplock-stop-none")
+    flag = _dask_worker._StopFlag("token-not-running", "nbmplock-stop-none")
     start = time.perf_counter()
     for _ in range(100_000):
         assert not flag.value
     assert time.perf_counter() - start < 1.0
-    _dask._mark_stopped("token-not-running")
+    _dask_worker._mark_stopped("token-not-running")
     assert flag.value
 
 
 def test_watchdog_never_leaks_the_interrupt():
     """An interrupt fired as the item ends is cleared, not raised later."""
-    guarded, timed_out = _dask._with_timeout(lambda i, s, v: i, 0.0, 1)
+    guarded, timed_out = _dask_worker._with_timeout(lambda i, s, v: i, 0.0, 1)
     for _ in range(2000):
         try:
             guarded("x", None, None)

@@ -213,7 +213,8 @@ def _interrupt_at_opcode(n: int) -> list:
     def on_call(frame, event, arg):
         # The code under test and threading's; not a weakref callback or a
         # finalizer that happens to run meanwhile (Python ignores their errors).
-        if not frame.f_code.co_filename.endswith(("threading.py", "_job.py")):
+        if not frame.f_code.co_filename.endswith(("threading.py", "_job.py", "_sync.py",
+                                                 "_notify.py")):
             return None
         frame.f_trace_opcodes = True
         return local

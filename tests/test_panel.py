@@ -229,11 +229,42 @@ def test_two_panels_of_one_job_both_update(make):
         assert panel.start_button.disabled
     assert first.model_id != second.model_id
 
-    # displaying the Job twice makes two panels
+    # displaying the Job twice shows its one panel twice (two views of one widget)
     bundles = [job._repr_mimebundle_() for _ in range(2)]
     ids = [b["application/vnd.jupyter.widget-view+json"]["model_id"] for b in bundles]
-    assert ids[0] != ids[1]
+    assert ids[0] == ids[1] == job.panel.model_id
     assert bundles[0]["text/plain"].startswith("nbmplock Job on")
+
+
+def test_displaying_a_job_100_times_adds_no_subscriber_or_thread(make):
+    """Issue 14: every display built a Panel that subscribed for ever, and each
+    throttle window started a Timer thread."""
+    job = make(300)
+    job.start()
+    try:
+        job._repr_mimebundle_()
+        subscribers = job._channel.live_subscribers
+
+        def view_threads():  # threads a view could have started (not the run's own)
+            return sorted(t.name for t in threading.enumerate()
+                          if t.name == "nbmplock-views" or isinstance(t, threading.Timer)
+                          or not t.name.startswith("nbmplock-"))
+
+        threads = view_threads()
+        for _ in range(100):
+            job._repr_mimebundle_()
+        assert job._channel.live_subscribers == subscribers == 1
+        assert view_threads() == threads and threads.count("nbmplock-views") == 1
+        # a new Job on the same directory (the cell run again after the run ended)
+        assert job.wait(WAIT)
+        old_panel = job.panel
+        again = make(300)
+        again._repr_mimebundle_()
+        assert old_panel._closed and job._channel.live_subscribers == 0
+    finally:
+        if job.state.active:
+            job.stop(force=True)
+            job.wait(WAIT)
 
 
 def test_panel_shows_stored_progress_before_start(make, tmp_path):
@@ -398,27 +429,39 @@ def test_closed_panel_stops_listening(make):
     assert panel.counts.value == before
 
 
-def test_updates_are_throttled_and_the_last_one_shows(make):
-    job = make(10_000)  # never started: the test feeds the panel events itself
+def test_views_get_throttled_updates_off_the_manager_thread_and_the_last_one_shows(make):
+    """Issue 14: progress reaches views on the views thread, coalesced to about ten a
+    second (output lines merged, not dropped); a state event comes at once."""
+    job = make(10_000)  # never started: the test posts events itself
     panel = make.panel(job)
-    applied = []
-    panel.counts.observe(lambda change: applied.append(change["new"]), names="value")
+    seen, threads = [], set()
+
+    def view(event):
+        seen.append(event)
+        threads.add(threading.current_thread().name)
+
+    job.subscribe(view)
     base = job.progress
 
     def progress(done, state=JobState.RUNNING):
         return nbmplock.Progress(base.total, done, 0, 0, 0, (), 0.0, 0.0, None, state)
 
     for done in range(1, 201):
-        panel._on_event(nbmplock.Event("progress", progress(done)))
-    assert len(applied) < 200
-    deadline = time.monotonic() + WAIT
-    while panel.counts.value != counts_text(progress(200)) and time.monotonic() < deadline:
-        time.sleep(0.01)  # the coalesced last event is flushed by a timer
+        job._channel.post(nbmplock.Event("progress", progress(done), (f"line {done}",)),
+                          state=False)
+    assert job._channel.flush(WAIT)
+    progress_events = [e for e in seen if e.kind == "progress"]
+    assert 1 <= len(progress_events) < 200
+    assert progress_events[-1].progress.done == 200
+    assert [line for e in progress_events for line in e.output] == [
+        f"line {d}" for d in range(1, 201)]
+    assert threads == {"nbmplock-views"}
     assert panel.counts.value == counts_text(progress(200))
 
-    # a state event is applied at once
-    panel._on_event(nbmplock.Event("progress", progress(201)))
-    panel._on_event(nbmplock.Event("state", progress(202, JobState.STOPPED)))
+    job._channel.post(nbmplock.Event("progress", progress(201)), state=False)
+    job._channel.post(nbmplock.Event("state", progress(202, JobState.STOPPED)), state=True)
+    assert job._channel.flush(WAIT)
+    assert seen[-1].kind == "state" and seen[-1].progress.done == 202
     assert panel.counts.value == counts_text(progress(202))
     assert ">stopped<" in panel.state_badge.value
 

@@ -1,11 +1,18 @@
-"""An exception raised in a worker, brought back to the caller with its own type.
+"""What crosses a process boundary: objects, the run's functions, user exceptions.
 
-A worker calls :func:`describe_exception`; the parent calls
-:func:`rebuild_exception` on what came back. The promise: ``except MyErr``
-in the caller catches a ``MyErr`` raised by ``process``, also when ``MyErr`` is
-defined in a notebook or ``__main__``, under every start method, and also
-when its ``__init__`` takes other arguments than its ``args`` (which plain
-pickling cannot rebuild: it calls ``MyErr(*args)``).
+:func:`dumps` pickles with the C pickler and falls back to dill for what only
+dill can do (lambdas, notebook classes). :func:`serialize_functions` ships
+``process``, ``init_function`` and ``shared_data`` to spawned or Dask workers
+with dill's ``recurse=True``, so functions defined in a notebook travel with
+the globals they use.
+
+An exception raised in a worker comes back to the caller with its own type:
+a worker calls :func:`describe_exception`, the parent
+:func:`rebuild_exception`. The promise: ``except MyErr`` in the caller catches
+a ``MyErr`` raised by ``process``, also when ``MyErr`` is defined in a
+notebook or ``__main__``, under every start method, and also when its
+``__init__`` takes other arguments than its ``args`` (which plain pickling
+cannot rebuild: it calls ``MyErr(*args)``).
 
 How, in order, until one works:
 
@@ -31,7 +38,7 @@ import sys
 import traceback
 from typing import Any
 
-from ._errors import RemoteTraceback
+from ._errors import RemoteTraceback, SerializationError
 
 _PARTS = b"NBX1"  # marks a blob of parts (2-3 above) rather than a pickled exception
 
@@ -39,6 +46,32 @@ _PARTS = b"NBX1"  # marks a blob of parts (2-3 above) rather than a pickled exce
 def _dill():
     import dill
     return dill
+
+
+def dumps(obj: Any) -> bytes:
+    """Fast C pickle, falling back to dill for lambdas and the like."""
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - dill can do more
+        return _dill().dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+
+
+def serialize_functions(functions: tuple, where: str) -> bytes:
+    """``(process, init_function, shared_data, batch_size)`` as one dill blob.
+
+    ``where`` names the receivers in the error ("spawned workers", "the Dask
+    workers"), raised as :class:`SerializationError` before any work starts.
+    """
+    try:
+        return _dill().dumps(functions, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot send process/init_function/shared_data to {where}: "
+            f"{type(exc).__name__}: {exc}. Everything they use must be picklable by dill; "
+            "create unpicklable objects (models, sessions, locks, open files) in "
+            "init_function instead of passing them in shared_data or capturing them"
+            + (", or use start_method='fork'." if where == "spawned workers" else ".")
+        ) from exc
 
 
 def describe_exception(exc: BaseException) -> tuple[str, str, str, bytes | None]:

@@ -1,0 +1,239 @@
+"""Every option of a run, declared once.
+
+:class:`Options` is the one record. Each field's metadata (an :class:`Opt`)
+says what the option means, how it is checked, and where it is taken:
+``Job`` and ``run`` (every option, by keyword), the ``doc_ock`` functions
+``mp_lock`` & co. (positionally where the seed library had them, the rest by
+keyword) and the ``%%mplock`` magic (its flag). :func:`make_options` checks
+them; the entry points' signatures, the magic's arguments and their help are
+built from the same fields, so a new option is written here only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ._errors import InvalidArgumentsError
+from ._optional import require
+
+ERRORS_MODES = ("raise", "record")
+START_METHODS = ("fork", "spawn", "forkserver")
+_UNSET = object()
+
+
+# -- checks: (argument name, value) -> the value to keep, or InvalidArgumentsError ------
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value: object, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if not _is_int(value) or value < 1:
+        expected = "a positive int" + (" or None" if allow_none else "")
+        raise InvalidArgumentsError(name, expected, f"got {value!r}")
+    return int(value)
+
+
+def optional_positive_int(name: str, value: object) -> int | None:
+    return positive_int(name, value, allow_none=True)
+
+
+def optional_callable(name: str, value: object) -> Callable | None:
+    if value is not None and not callable(value):
+        raise InvalidArgumentsError(name, "a callable or None",
+                                    f"got {type(value).__name__}")
+    return value
+
+
+def _anything(name: str, value: object) -> object:
+    return value
+
+
+def _one_of(*choices: object, none: bool = False) -> Callable[[str, object], object]:
+    def check(name: str, value: object) -> object:
+        if (value is None and none) or value in choices:
+            return value
+        expected = " or ".join(map(repr, choices)) + (" or None" if none else "")
+        raise InvalidArgumentsError(name, expected, f"got {value!r}")
+    return check
+
+
+def _non_negative_int(name: str, value: object) -> int:
+    if not _is_int(value) or value < 0:
+        raise InvalidArgumentsError(name, "an int >= 0", f"got {value!r}")
+    return int(value)
+
+
+def _seconds_or_none(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+            or not value > 0):  # also refuses nan
+        raise InvalidArgumentsError(name, "a number of seconds > 0 or None", f"got {value!r}")
+    return float(value)
+
+
+def _backend(name: str, value: object) -> object:
+    if value is None:
+        return None
+    if not isinstance(value, str) and not hasattr(value, "submit"):
+        raise InvalidArgumentsError(
+            name, "None, a dask distributed.Client or a scheduler address str",
+            f"got {type(value).__name__}")
+    require("distributed")  # a missing extra is bad input too: say so before any work
+    return value
+
+
+def _bool_or_none(name: str, value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise InvalidArgumentsError(name, "True, False or None", f"got {value!r}")
+    return value
+
+
+# -- the record ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Opt:
+    """What an option means and where it is taken."""
+
+    help: str
+    check: Callable[[str, Any], Any]
+    #: ``mp_lock`` & co. take it (positionally, or as a keyword option).
+    seed: bool = True
+    #: Its default in ``mp_lock`` & co., when it differs from ``Job``'s.
+    seed_default: Any = _UNSET
+    #: The magic's flag, e.g. ``"--procs"``; None: not a flag of the magic.
+    flag: str | None = None
+    metavar: str | None = None
+    #: The magic evaluates the flag's text in the notebook (a name of a function...).
+    from_namespace: bool = False
+    #: The type the magic converts the flag's text to.
+    flag_type: type | None = None
+    choices: tuple | None = None
+
+
+def option(default: Any, **opt: Any) -> Any:
+    return field(default=default, metadata={"opt": Opt(**opt)})
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a run is executed (everything but its items, function and directory)."""
+
+    save_callback: Callable | None = option(
+        None, check=optional_callable, flag="--save", metavar="NAME", from_namespace=True,
+        help="save_callback(output_filepath, data_results, data_names), called in the "
+             "parent with up to save_batch results, never twice at once; an item is "
+             "recorded done once its batch was saved")
+    num_procs: int | None = option(
+        None, check=optional_positive_int, flag="--procs", metavar="N", flag_type=int,
+        help="worker processes (default: one per CPU; on Dask: every worker thread)")
+    save_batch: int = option(
+        10, check=positive_int, flag="--save-batch", metavar="N", flag_type=int,
+        help="results per save_callback call")
+    shared_data: Any = option(
+        None, check=_anything, flag="--shared", metavar="NAME", from_namespace=True,
+        help="passed to every call of process and init_function (default {})")
+    init_function: Callable | None = option(
+        None, check=optional_callable, flag="--init", metavar="NAME", from_namespace=True,
+        help="init_function(shared_data), run once per worker process; its return value "
+             "is init_values")
+    batch_size: int | None = option(
+        None, check=optional_positive_int, seed=False, flag="--batch", metavar="N",
+        flag_type=int,
+        help="give process lists of up to N items; it returns a list of as many results")
+    errors: str = option(
+        "record", check=_one_of(*ERRORS_MODES), seed_default="raise", flag="--errors",
+        choices=ERRORS_MODES,
+        help="'record': a failing item is recorded and the run goes on; 'raise': the run "
+             "stops and the item's exception is raised (default 'record' for a Job and "
+             "the magic, 'raise' for mp_lock & co.)")
+    max_retries: int = option(
+        0, check=_non_negative_int, flag="--retries", metavar="N", flag_type=int,
+        help="try a failing item up to N more times")
+    item_timeout: float | None = option(
+        None, check=_seconds_or_none, flag="--timeout", metavar="SECONDS", flag_type=float,
+        help="an item running longer fails with kind 'timeout' (its worker is killed and "
+             "replaced)")
+    chunk_size: int | None = option(
+        None, check=optional_positive_int, flag="--chunk-size", metavar="N", flag_type=int,
+        help="items sent to a worker at once (default: about 0.5 s of work, measured)")
+    start_method: str | None = option(
+        None, check=_one_of(*START_METHODS, none=True), flag="--start-method",
+        choices=START_METHODS,
+        help="how worker processes start (default: the platform's)")
+    backend: Any = option(
+        None, check=_backend, flag="--backend", metavar="ADDRESS",
+        help="a Dask distributed.Client or a scheduler address (the magic: an address, or "
+             "the name of a Client variable)")
+    keep_results: bool | None = option(
+        None, check=_bool_or_none, seed=False,
+        help="store every result in the run directory, for results() (default: when there "
+             "is no save_callback)")
+
+    @classmethod
+    def names(cls, *, seed: bool = False) -> tuple[str, ...]:
+        """The options, in declaration order (``seed``: those ``mp_lock`` & co. take)."""
+        return tuple(f.name for f in fields(cls) if not seed or opt_of(f).seed)
+
+
+def opt_of(f) -> Opt:
+    return f.metadata["opt"]
+
+
+def default(name: str, *, seed: bool = False) -> Any:
+    """The default of option ``name`` in ``Job`` (or, with ``seed``, in ``mp_lock`` & co.)."""
+    f = next(f for f in fields(Options) if f.name == name)
+    opt = opt_of(f)
+    if seed and opt.seed_default is not _UNSET:
+        return opt.seed_default
+    return f.default
+
+
+def make_options(*, seed: bool = False, **given: Any) -> Options:
+    """Check the options given by keyword; the others take their defaults.
+
+    ``seed``: the defaults and the option list of ``mp_lock`` & co.
+    """
+    known = Options.names(seed=seed)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise InvalidArgumentsError(", ".join(unknown), "keyword options among " + ", ".join(known))
+    values = {}
+    for f in fields(Options):
+        value = given.get(f.name, default(f.name, seed=seed))
+        values[f.name] = opt_of(f).check(f.name, value)
+    if values["keep_results"] is None:
+        values["keep_results"] = values["save_callback"] is None
+    if values["shared_data"] is None:
+        values["shared_data"] = {}
+    return Options(**values)
+
+
+def signature(*leading: inspect.Parameter, seed: bool = False) -> inspect.Signature:
+    """``leading`` parameters, then every option as a keyword with its default."""
+    params = list(leading)
+    taken = {p.name for p in params}
+    for name in Options.names(seed=seed):
+        if name not in taken:
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=default(name, seed=seed)))
+    return inspect.Signature(params)
+
+
+def options_doc(*, seed: bool = False) -> str:
+    """The options as a numpy-style parameter list, for docstrings."""
+    lines = []
+    for f in fields(Options):
+        opt = opt_of(f)
+        if seed and not opt.seed:
+            continue
+        lines.append(f"{f.name} : default {default(f.name, seed=seed)!r}")
+        lines.append(f"    {opt.help}")
+    return "\n".join(lines)

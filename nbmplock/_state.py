@@ -1,0 +1,101 @@
+"""What a Job tells the world: its state, its numbers, its events, its summary.
+
+All immutable records, safe to keep and to read from any thread.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ._store import Failure
+
+
+class JobState(enum.Enum):
+    """Where a Job is. ``RUNNING -> STOPPING -> STOPPED`` on a Stop."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.RUNNING, JobState.STOPPING)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot of a Job's numbers; safe to keep and compare."""
+
+    total: int
+    done: int
+    done_before: int
+    failed: int
+    in_flight: int
+    in_flight_by_worker: tuple[tuple[str, int], ...]
+    rate: float
+    elapsed: float
+    eta: float | None
+    state: JobState
+
+    def __repr__(self) -> str:
+        eta = f"{self.eta:.0f} s" if self.eta is not None else "-"
+        return (f"Progress({self.state.value}: {self.done}/{self.total} done, "
+                f"{self.done_before} in earlier runs, {self.failed} failed, "
+                f"{self.in_flight} in flight, {self.rate:.1f} items/s, "
+                f"elapsed {self.elapsed:.1f} s, ETA {eta})")
+
+    @property
+    def done_now(self) -> int:
+        """Items finished by the current (or last) run."""
+        return self.done - self.done_before
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.done)
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+class EventKind(str, enum.Enum):
+    """``"progress"`` (numbers moved, output or failures came) or ``"state"`` (the
+    Job's state changed); a ``str`` too, so ``event.kind == "state"`` works."""
+
+    PROGRESS = "progress"
+    STATE = "state"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Event:
+    """What observers receive: the numbers, and the output lines and failures
+    that are new since the last event they received."""
+
+    kind: EventKind
+    progress: Progress
+    output: tuple[str, ...] = ()
+    failures: tuple[Failure, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What ``mp_lock`` returns: how the run went."""
+
+    done: int
+    failed: int
+    skipped: int
+    elapsed: float
+    failures: tuple[Failure, ...]
+    out_path: str
+    state: JobState
+
+    def __str__(self) -> str:
+        return (f"{self.done} done, {self.skipped} already done before, {self.failed} failed "
+                f"in {self.elapsed:.1f} s ({self.state.value}; run directory {self.out_path!r})")
