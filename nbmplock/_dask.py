@@ -313,10 +313,7 @@ class DaskBackend(BackendBase):
 
     def _stop_tasks(self, pending: dict) -> None:
         """Set the stop event, then cancel the tasks no worker has started."""
-        try:
-            self._event.set()
-        except Exception:  # noqa: BLE001 - the cancellation below still ends the run
-            log.debug("nbmplock: could not set the Dask stop event", exc_info=True)
+        self._set_stop_event()
         pending = {key: f for key, f in pending.items() if not f.done()}
         if not pending:
             return
@@ -326,19 +323,19 @@ class DaskBackend(BackendBase):
             log.debug("nbmplock: could not read the scheduler's processing tasks",
                       exc_info=True)
             started = set()
-        cancel = [f for key, f in pending.items() if key not in started and not f.done()]
-        if cancel:
-            try:
-                self._client.cancel(cancel)
-            except Exception:  # noqa: BLE001
-                log.warning("nbmplock: could not cancel %d Dask tasks", len(cancel),
-                            exc_info=True)
+        self._cancel([f for key, f in pending.items() if key not in started and not f.done()])
 
     def _cancel_all(self, futures: list) -> None:
+        self._set_stop_event()
+        self._cancel(futures)
+
+    def _set_stop_event(self) -> None:
         try:
             self._event.set()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the cancellation still ends the run
             log.debug("nbmplock: could not set the Dask stop event", exc_info=True)
+
+    def _cancel(self, futures: list) -> None:
         if futures:
             try:
                 self._client.cancel(futures)

@@ -27,8 +27,9 @@ from ._backend import exiting
 from ._errors import InvalidArgumentsError, JobStateError, RunLockedError
 from ._notify import notifier
 from ._options import Options, make_options, options_doc, signature
-from ._runner import Published, Runner, RunStatus, StopMode, Tally
-from ._state import Event, EventKind, JobState, Progress, RunSummary
+from ._runner import Runner
+from ._state import (Event, EventKind, JobState, Progress, Published, RunStatus, RunSummary,
+                     StopMode, Tally)
 from ._store import Failure, by_time, read_contents, stored_state
 from ._sync import Handoff, RunEnd
 from ._validate import Spec, check_out_path, make_spec
@@ -249,7 +250,7 @@ class Job:
             self.notes = ()
             self.reattached = False
             self._runner = runner
-            self._published = Published(runner.counters.tally(),
+            self._published = Published(runner.tally,
                                         failures=by_time(runner.store.contents.failures.values()))
             self._rate_samples.clear()
             self._end.begin()
@@ -294,7 +295,7 @@ class Job:
             log.exception("nbmplock: the run ended with an internal error")
             self.error = exc
             state = JobState.FAILED
-        self._elapsed_before = time.monotonic() - runner.counters.started
+        self._elapsed_before = time.monotonic() - runner.tally.started
         with self._lock:
             self._state = state
         try:

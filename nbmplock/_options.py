@@ -122,31 +122,40 @@ def option(default: Any, **opt: Any) -> Any:
     return field(default=default, metadata={"opt": Opt(**opt)})
 
 
+def count(flag: str) -> dict:
+    """The magic takes the option as ``flag N``."""
+    return {"flag": flag, "metavar": "N", "flag_type": int}
+
+
+def named(flag: str) -> dict:
+    """The magic takes the option as ``flag NAME``: a notebook variable (or expression)."""
+    return {"flag": flag, "metavar": "NAME", "from_namespace": True}
+
+
 @dataclass(frozen=True)
 class Options:
     """How a run is executed (everything but its items, function and directory)."""
 
     save_callback: Callable | None = option(
-        None, check=optional_callable, flag="--save", metavar="NAME", from_namespace=True,
+        None, check=optional_callable, **named("--save"),
         help="save_callback(output_filepath, data_results, data_names), called in the "
              "parent with up to save_batch results, never twice at once; an item is "
              "recorded done once its batch was saved")
     num_procs: int | None = option(
-        None, check=optional_positive_int, flag="--procs", metavar="N", flag_type=int,
+        None, check=optional_positive_int, **count("--procs"),
         help="worker processes (default: one per CPU; on Dask: every worker thread)")
     save_batch: int = option(
-        10, check=positive_int, flag="--save-batch", metavar="N", flag_type=int,
+        10, check=positive_int, **count("--save-batch"),
         help="results per save_callback call")
     shared_data: Any = option(
-        None, check=_anything, flag="--shared", metavar="NAME", from_namespace=True,
+        None, check=_anything, **named("--shared"),
         help="passed to every call of process and init_function (default {})")
     init_function: Callable | None = option(
-        None, check=optional_callable, flag="--init", metavar="NAME", from_namespace=True,
+        None, check=optional_callable, **named("--init"),
         help="init_function(shared_data), run once per worker process; its return value "
              "is init_values")
     batch_size: int | None = option(
-        None, check=optional_positive_int, seed=False, flag="--batch", metavar="N",
-        flag_type=int,
+        None, check=optional_positive_int, seed=False, **count("--batch"),
         help="give process lists of up to N items; it returns a list of as many results")
     errors: str = option(
         "record", check=_one_of(*ERRORS_MODES), seed_default="raise", flag="--errors",
@@ -155,14 +164,14 @@ class Options:
              "stops and the item's exception is raised (default 'record' for a Job and "
              "the magic, 'raise' for mp_lock & co.)")
     max_retries: int = option(
-        0, check=_non_negative_int, flag="--retries", metavar="N", flag_type=int,
+        0, check=_non_negative_int, **count("--retries"),
         help="try a failing item up to N more times")
     item_timeout: float | None = option(
         None, check=_seconds_or_none, flag="--timeout", metavar="SECONDS", flag_type=float,
         help="an item running longer fails with kind 'timeout' (its worker is killed and "
              "replaced)")
     chunk_size: int | None = option(
-        None, check=optional_positive_int, flag="--chunk-size", metavar="N", flag_type=int,
+        None, check=optional_positive_int, **count("--chunk-size"),
         help="items sent to a worker at once (default: about 0.5 s of work, measured)")
     start_method: str | None = option(
         None, check=_one_of(*START_METHODS, none=True), flag="--start-method",

@@ -35,7 +35,7 @@ widgets = require("ipywidgets")
 from ._fingerprint import function_name
 from ._job import Job
 from ._state import Event, EventKind, JobState, Progress
-from ._store import Failure
+from ._log import Failure
 from ._text import clip, short_repr
 
 MAX_FAILURE_ROWS = 100

@@ -14,13 +14,12 @@ a field and wakes the backend's wait.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from itertools import filterfalse
 
 from ._backend import (Backend, Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, ItemError,
@@ -32,6 +31,7 @@ from ._errors import (FailureKind, ItemTimeoutError, RemoteTraceback, RunDirecto
 from ._fingerprint import Fingerprint, function_identity, items_hash
 from ._retry import RetryPolicy
 from ._saver import Saver, abandoned_call
+from ._state import Outcome, Published, RunStatus, StopMode, Tally
 from ._store import Failure, RunStore, by_time, read_fingerprint
 from ._text import short_repr
 from ._validate import Spec
@@ -52,72 +52,6 @@ ABANDONED_SAVE_WAIT = 3.0
 PLACE_CHECK_INTERVAL = 1.0
 #: Output lines kept per worker, for the traceback of an item that kills it.
 _RECENT_OUTPUT = 40
-
-
-class StopMode(enum.IntEnum):
-    """How hard a stop is; a later request can only make it harder."""
-
-    #: Workers finish the item they run; finished results are saved.
-    GRACEFUL = 1
-    #: Ctrl-C: workers are killed now; the save call in progress completes.
-    NOW = 2
-    #: Force stop, a second Ctrl-C, interpreter shutdown: nothing waits,
-    #: not even for a save_callback call in progress.
-    FORCE = 3
-
-
-class RunStatus(str, enum.Enum):
-    FINISHED = "finished"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-@dataclass
-class Counters:
-    """Live numbers of one run, written only by the manager thread."""
-
-    total: int = 0
-    done_before: int = 0
-    done: int = 0
-    failed: int = 0
-    in_flight: int = 0
-    to_do: int = 0
-    started: float = field(default_factory=time.monotonic)
-    in_flight_by_worker: dict = field(default_factory=dict)
-
-    def tally(self) -> Tally:
-        return Tally(self.total, self.done_before, self.done, self.failed, self.in_flight,
-                     self.started, tuple(sorted(self.in_flight_by_worker.items())))
-
-
-@dataclass(frozen=True)
-class Tally:
-    """An immutable copy of :class:`Counters`, safe to read from any thread."""
-
-    total: int = 0
-    done_before: int = 0
-    done: int = 0
-    failed: int = 0
-    in_flight: int = 0
-    started: float = 0.0
-    in_flight_by_worker: tuple[tuple[str, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class Published:
-    """What the manager publishes: numbers, new output and failures, every failure."""
-
-    tally: Tally
-    output: tuple[str, ...] = ()
-    new_failures: tuple[Failure, ...] = ()
-    failures: tuple[Failure, ...] = ()  # every failure recorded, oldest first
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: RunStatus
-    error: BaseException | None = None
-    notes: tuple[str, ...] = ()  # what a stop left undone, in words
 
 
 def make_backend(spec: Spec, payload: WorkPayload, store: RunStore, units: int,
@@ -147,7 +81,8 @@ class Runner:
         self.spec = spec
         self.opts = spec.options
         self.mode = mode
-        self.counters = Counters()
+        self.tally = Tally()
+        self.to_do = 0  # items this run has to do
         self.store: RunStore | None = None
         self.fingerprint_changes: list[str] = []
         self._publish_to = publish
@@ -216,12 +151,11 @@ class Runner:
     def _plan(self, previous: Fingerprint | None) -> int:
         """Count what is done and line up what is not; returns the distinct item count."""
         items = self.spec.items
-        c = self.counters
         contents = self.store.contents
         if contents.complete is not None:  # the log says: every item of this list is done
-            c.total = c.done_before = contents.complete[2]
-            c.to_do = 0
-            return c.total
+            total = contents.complete[2]
+            self.tally = Tally(total=total, done_before=total)
+            return total
         if previous is not None and previous.items_hash == self._items_hash and previous.n_distinct:
             n_distinct = previous.n_distinct
         else:
@@ -231,14 +165,14 @@ class Runner:
         if n_distinct != len(items):  # duplicates: each distinct item runs once
             pending = list(dict.fromkeys(items if pending is None else pending))
         left = n_distinct if pending is None else len(pending)
-        c.total = n_distinct
-        c.done_before = n_distinct - left
+        failed = 0
         if failures:
-            c.failed = sum(map(failures.__contains__, items if pending is None else pending))
+            failed = sum(map(failures.__contains__, items if pending is None else pending))
+        self.tally = Tally(total=n_distinct, done_before=n_distinct - left, failed=failed)
         if self.mode == "failed":
             pending = [i for i in (items if pending is None else pending) if i in failures]
             left = len(pending)
-        c.to_do = left
+        self.to_do = left
         self._queue = WorkQueue(items if pending is None else pending, items, self._unit)
         sample = items[:1000]
         self._avg_item_bytes = sum(len(i.encode("utf-8", "surrogatepass"))
@@ -266,10 +200,9 @@ class Runner:
     # -- the manager loop ------------------------------------------------
     def run(self) -> Outcome:
         assert self.store is not None, "prepare() first"
-        c = self.counters
-        c.started = time.monotonic()
+        self.tally = replace(self.tally, started=time.monotonic())
         try:
-            if c.to_do > 0 and not self._stop_request:
+            if self.to_do > 0 and not self._stop_request:
                 self._loop()
         except BaseException as exc:  # noqa: BLE001 - becomes the outcome
             self._error = self._error or exc
@@ -278,7 +211,7 @@ class Runner:
         return Outcome(self._status(), self._error, tuple(self._notes))
 
     def _status(self) -> RunStatus:
-        c = self.counters
+        c = self.tally
         if self._error is not None:
             return RunStatus.FAILED
         if (self._stop_request or self._stopping) and c.done + c.done_before < c.total:
@@ -286,9 +219,8 @@ class Runner:
         return RunStatus.FINISHED
 
     def _loop(self) -> None:
-        c = self.counters
         self._backend = backend = make_backend(self.spec, self._payload, self.store,
-                                               -(-c.to_do // self._unit), self._serialized)
+                                               -(-self.to_do // self._unit), self._serialized)
         self._sizer = ChunkSizer(unit=self._unit, fixed=self.opts.chunk_size,
                                  items_cap=int(backend.max_task_bytes / self._avg_item_bytes),
                                  target=backend.target_chunk_seconds)
@@ -306,7 +238,8 @@ class Runner:
             self._collect_saves()
             if not self._stopping:
                 self._dispatch(backend)
-            if c.in_flight == 0 and (self._stopping or self._queue.exhausted) and self._saves_done():
+            if (self.tally.in_flight == 0 and (self._stopping or self._queue.exhausted)
+                    and self._saves_done()):
                 break
             now = time.monotonic()
             if now >= self._next_check:
@@ -344,8 +277,8 @@ class Runner:
             return
         saved, cleared = saver.saved, saver.cleared
         if saved != self._saved_seen or cleared != self._cleared_seen:
-            self.counters.done += saved - self._saved_seen
-            self.counters.failed -= cleared - self._cleared_seen
+            self.tally = self.tally.add(done=saved - self._saved_seen,
+                                        failed=self._cleared_seen - cleared)
             if cleared != self._cleared_seen:
                 self._failures_changed = True
             self._saved_seen, self._cleared_seen = saved, cleared
@@ -392,7 +325,7 @@ class Runner:
     # -- dispatch --------------------------------------------------------
     def _chunk_size(self, workers: int) -> int:
         saver = self._saver
-        return self._sizer.size(workers, self.counters.to_do - self._queue.dispatched,
+        return self._sizer.size(workers, self.to_do - self._queue.dispatched,
                                 saver.seconds_per_item if saver is not None else None)
 
     def _dispatch(self, backend: Backend) -> None:
@@ -415,7 +348,7 @@ class Runner:
             items, span = chunk
             self._chunk_ids += 1
             backend.submit(Chunk(self._chunk_ids, items, span))
-            self.counters.in_flight += len(items)
+            self.tally = self.tally.add(in_flight=len(items))
             self._dirty = True
 
     # -- events ----------------------------------------------------------
@@ -448,7 +381,7 @@ class Runner:
 
     def _chunk_done(self, ev: ChunkDone) -> None:
         items = ev.chunk.items
-        self.counters.in_flight -= len(items)
+        self.tally = self.tally.add(in_flight=-len(items))
         self._sizer.measured(ev.n_run, ev.seconds, len(ev.results_blob or b""))
         results = ev.results
         if not ev.failures:
@@ -491,7 +424,7 @@ class Runner:
                 rows += self._item_failed(item, error, ev.pid, ev.exitcode)
         self.store.record_failures(rows)
         for chunk in ev.chunks:
-            self.counters.in_flight -= len(chunk.items)
+            self.tally = self.tally.add(in_flight=-len(chunk.items))
             if not self._stopping:
                 self._queue.retry([i for i in chunk.items if i not in blamed], first=True)
         self._dirty = True
@@ -508,7 +441,7 @@ class Runner:
                           attempts + (prev.attempts if prev else 0), pid, exitcode,
                           error.seconds, time.time())
         if prev is None:
-            self.counters.failed += 1
+            self.tally = self.tally.add(failed=1)
         self._new_failures.append(failure)
         self._failures_changed = True
         if self.opts.errors == "raise" and self._error is None:
@@ -538,8 +471,8 @@ class Runner:
             return
         saver = self._saver
         if saver is None:
-            self.counters.failed -= self.store.record_done(names, results, blob)
-            self.counters.done += len(names)
+            cleared = self.store.record_done(names, results, blob)
+            self.tally = self.tally.add(done=len(names), failed=-cleared)
             return
         if saver.error is not None or self._stop_begun is StopMode.FORCE:
             return  # not saved, so not done: they run again
@@ -559,19 +492,19 @@ class Runner:
         self._next_publish = now + PUBLISH_INTERVAL
         self._dirty = False
         if self._backend is not None:
-            self.counters.in_flight_by_worker = self._backend.in_flight()
+            self.tally = replace(self.tally, in_flight_by_worker=tuple(
+                sorted(self._backend.in_flight().items())))
         output, self._new_output = tuple(self._new_output), []
         new_failures, self._new_failures = tuple(self._new_failures), []
         if self._failures_changed:
             self._failures_changed = False
             self._failures = by_time(self.store.contents.failures.values())
         if self._publish_to is not None:
-            self._publish_to(Published(self.counters.tally(), output, new_failures,
+            self._publish_to(Published(self.tally, output, new_failures,
                                        self._failures))
 
     def _finish(self) -> None:
         """End the saves and the workers, mark completion, commit, unlock."""
-        c = self.counters
         try:
             if self._saver is not None and not self._saver.idle:
                 # The loop ended by an exception: do not wait for the user's callback.
@@ -582,8 +515,7 @@ class Runner:
                 if self._backend is not None:
                     for event in self._backend.shutdown() or ():
                         self._handle(event)
-                c.in_flight = 0
-                c.in_flight_by_worker = {}
+                self.tally = replace(self.tally, in_flight=0, in_flight_by_worker=())
                 self._record_end()
             finally:
                 try:
@@ -594,7 +526,7 @@ class Runner:
 
     def _record_end(self) -> None:
         """How the run ended, for `python -m nbmplock status`; COMPLETE when all is done."""
-        c, store = self.counters, self.store
+        c, store = self.tally, self.store
         if self._error is None:
             try:  # never end "finished" on a directory that is no longer ours
                 store.check_place()

@@ -1,14 +1,15 @@
-"""What a Job tells the world: its state, its numbers, its events, its summary.
+"""What a run and its Job tell the world: states, numbers, events, outcomes.
 
-All immutable records, safe to keep and to read from any thread.
+All immutable records (but the enums), safe to keep and to read from any thread.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 
-from ._store import Failure
+from ._log import Failure
 
 
 class JobState(enum.Enum):
@@ -99,3 +100,56 @@ class RunSummary:
     def __str__(self) -> str:
         return (f"{self.done} done, {self.skipped} already done before, {self.failed} failed "
                 f"in {self.elapsed:.1f} s ({self.state.value}; run directory {self.out_path!r})")
+
+
+class StopMode(enum.IntEnum):
+    """How hard a stop is; a later request can only make it harder."""
+
+    #: Workers finish the item they run; finished results are saved.
+    GRACEFUL = 1
+    #: Ctrl-C: workers are killed now; the save call in progress completes.
+    NOW = 2
+    #: Force stop, a second Ctrl-C, interpreter shutdown: nothing waits,
+    #: not even for a save_callback call in progress.
+    FORCE = 3
+
+
+class RunStatus(str, enum.Enum):
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Tally:
+    """A run's numbers. Immutable: the manager replaces it as they change
+    (per chunk, not per item), so any thread may read the one it holds."""
+
+    total: int = 0
+    done_before: int = 0
+    done: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    started: float = field(default_factory=time.monotonic)
+    in_flight_by_worker: tuple[tuple[str, int], ...] = ()
+
+    def add(self, **deltas: int) -> Tally:
+        """A copy with ``deltas`` added to the named counts."""
+        return replace(self, **{name: getattr(self, name) + n for name, n in deltas.items()})
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the manager publishes: numbers, new output and failures, every failure."""
+
+    tally: Tally
+    output: tuple[str, ...] = ()
+    new_failures: tuple[Failure, ...] = ()
+    failures: tuple[Failure, ...] = ()  # every failure recorded, oldest first
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: RunStatus
+    error: BaseException | None = None
+    notes: tuple[str, ...] = ()  # what a stop left undone, in words

@@ -4,15 +4,10 @@
 nbmplock keeps its state beside it in ``out_path/.nbmplock/``:
 
 ``log``
-    Append-only records. Each is a 12-byte header (magic ``NL``, kind, flags,
-    payload length, CRC-32 of header and payload) and a payload. ``DONE``
-    records hold a pickled list of item names and, for runs that keep results
-    (``mp_lock_value``), a pickled list of their results; ``FAIL`` records hold
-    failure tuples. A record is written with one ``write`` call right after its
-    items were handed to ``save_callback``, so a SIGKILL of the process loses
-    nothing already recorded; the OS has it.
-``END`` records say how a run ended (finished, stopped, failed, and why);
-a reader that does not know a kind skips it.
+    Append-only, checksummed records (their format: :mod:`nbmplock._log`).
+    A record is written with one ``write`` call right after its items were
+    handed to ``save_callback``, so a SIGKILL of the process loses nothing
+    already recorded; the OS has it.
 ``job.json``
     The fingerprint of the last run (function hash, item count and hash),
     replaced atomically.
@@ -46,95 +41,28 @@ import fcntl
 import json
 import logging
 import os
-import pickle
 import socket
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import (FailureKind, InvalidArgumentsError, RunDirectoryLostError,
-                      RunLockedError, StoreCorruptError)
+from ._errors import InvalidArgumentsError, RunDirectoryLostError, RunLockedError
 from ._fingerprint import Fingerprint, items_hash
+from ._log import (COMPLETE_SIZE, Contents, Failure, by_time, compact, complete_record,
+                   done_record, end_record, fail_record, parse_complete, scan)
 
 log = logging.getLogger("nbmplock")
 
 STATE_DIR = ".nbmplock"
 SYNC_INTERVAL = 0.2
 
-_HEADER = struct.Struct("<2sBBII")
-_MAGIC = b"NL"
-_DONE, _FAIL, _COMPLETE, _END = 1, 2, 3, 4
-_COMPLETE_BODY = struct.Struct("<32sQQ")
-_COMPLETE_SIZE = _HEADER.size + _COMPLETE_BODY.size
-_HAS_RESULTS = 1
-_U32 = struct.Struct("<I")
 _COMPACT_MIN_RECORDS = 4096
-_COMPACT_GROUP = 200_000
 
 
 def _test_hook(where: str) -> None:
     """Replaced by tests to widen a race window on purpose (see tests/test_store.py)."""
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why one item is not done.
-
-    ``kind`` is a :class:`FailureKind` (also a ``str``): ``"exception"``
-    (``process`` raised), ``"died"`` (the worker process died holding it),
-    ``"timeout"`` (longer than ``item_timeout``) or ``"unpicklable"`` (its
-    result could not be sent back).
-    """
-
-    item: Any
-    kind: FailureKind
-    exc_type: str
-    message: str
-    traceback: str
-    attempts: int = 1
-    worker_pid: int | None = None
-    exitcode: int | None = None
-    duration: float | None = None
-    time: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.kind, FailureKind):  # read back from the log as text
-            object.__setattr__(self, "kind", FailureKind(self.kind))
-
-    def summary(self) -> str:
-        return f"{self.exc_type}: {self.message}" if self.message else self.exc_type
-
-    def row(self) -> tuple:
-        """What the log stores: the fields, ``kind`` as its text."""
-        return (self.item, self.kind.value, self.exc_type, self.message, self.traceback,
-                self.attempts, self.worker_pid, self.exitcode, self.duration, self.time)
-
-
-def by_time(failures: Iterable[Failure]) -> tuple[Failure, ...]:
-    """Failures oldest first (the order every view shows them in)."""
-    return tuple(sorted(failures, key=lambda f: f.time))
-
-
-@dataclass
-class Contents:
-    """What the log holds: done items, their results (if loaded), failures."""
-
-    done: set
-    results: dict | None
-    failures: dict
-    records: int = 0
-    valid_bytes: int = 0
-    torn_bytes: int = 0
-    # Set by RunStore.open when the log ends with a COMPLETE record for the run's
-    # own item list: (items_hash, n_items, n_distinct); nothing else was loaded.
-    complete: tuple | None = None
-    # How the last run that recorded its end ended: {"status", "reason", "time", "pid"}.
-    last_end: dict | None = None
-    damaged: int = 0  # damaged stretches skipped (only with skip_damaged)
 
 
 def read_complete(out_path: str) -> tuple[str, int, int] | None:
@@ -144,134 +72,16 @@ def read_complete(out_path: str) -> tuple[str, int, int] | None:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            if size < _COMPLETE_SIZE:
+            if size < COMPLETE_SIZE:
                 return None
-            f.seek(size - _COMPLETE_SIZE)
-            tail = f.read(_COMPLETE_SIZE)
+            f.seek(size - COMPLETE_SIZE)
+            return parse_complete(f.read(COMPLETE_SIZE))
     except OSError:
         return None
-    buf = memoryview(tail)
-    if _valid_at(buf, 0) != _COMPLETE_SIZE or tail[2] != _COMPLETE:
-        return None
-    items_hash, n_items, n_distinct = _COMPLETE_BODY.unpack_from(tail, _HEADER.size)
-    return items_hash.decode("ascii"), n_items, n_distinct
 
 
 def state_dir(out_path: str) -> str:
     return os.path.join(out_path, STATE_DIR)
-
-
-def _frame(kind: int, flags: int, *parts: bytes) -> list[bytes]:
-    """One record as buffers to write in order: header (with the CRC) and ``parts``.
-
-    The payload is the concatenation of ``parts``; it is never copied into one
-    buffer (results can be megabytes).
-    """
-    head = _HEADER.pack(_MAGIC, kind, flags, sum(map(len, parts)), 0)[:8]
-    crc = zlib.crc32(head)
-    for part in parts:
-        crc = zlib.crc32(part, crc)
-    return [head + _U32.pack(crc), *parts]
-
-
-def _dumps(obj: Any) -> bytes:
-    """pickle; dill for what only dill can do (a worker already sent it with dill)."""
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        import dill
-        return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
-
-
-def _done_payload(names: Sequence[str], results: Sequence[Any] | None,
-                  results_blob: bytes | None = None) -> tuple[int, bytes, bytes, bytes]:
-    """``(flags, *payload parts)`` of a DONE record; ``results_blob`` is the
-    pickle of the list ``results`` when the caller already has it."""
-    blob = pickle.dumps(list(names), protocol=pickle.HIGHEST_PROTOCOL)
-    if results is None:
-        return 0, _U32.pack(len(blob)), blob, b""
-    res = results_blob if results_blob is not None else _dumps(list(results))
-    return _HAS_RESULTS, _U32.pack(len(blob)), blob, res
-
-
-def _valid_at(buf: memoryview, pos: int) -> int | None:
-    """End offset of a valid record starting at ``pos``, else None."""
-    n = len(buf)
-    if n - pos < _HEADER.size:
-        return None
-    magic, _kind, _flags, length, crc = _HEADER.unpack_from(buf, pos)
-    end = pos + _HEADER.size + length
-    if magic != _MAGIC or end > n:
-        return None
-    if zlib.crc32(buf[pos + _HEADER.size:end], zlib.crc32(buf[pos:pos + 8])) != crc:
-        return None
-    return end
-
-
-def _next_valid(buf: memoryview, start: int) -> int | None:
-    raw = buf.obj if isinstance(buf.obj, bytes) else bytes(buf)
-    pos = raw.find(_MAGIC, start)
-    while pos != -1:
-        if _valid_at(buf, pos) is not None:
-            return pos
-        pos = raw.find(_MAGIC, pos + 1)
-    return None
-
-
-def scan(data: bytes, *, results: bool, names: bool = True,
-         skip_damaged: bool = False) -> Contents:
-    """Parse a log image. See the module docstring for the damage rules.
-
-    ``names=False`` skips building the done-set (for callers that only want
-    results).
-    """
-    buf = memoryview(data)
-    done: set = set()
-    res: dict | None = {} if results else None
-    failures: dict = {}
-    pos, records, n = 0, 0, len(buf)
-    last_end = None
-    damaged = 0
-    while pos < n:
-        end = _valid_at(buf, pos)
-        if end is None:
-            following = _next_valid(buf, pos + 1)
-            if following is None:
-                break  # torn tail: a crash during the last write
-            if not skip_damaged:
-                raise StoreCorruptError(
-                    f"the run store log is damaged at byte {pos} of {n}, and valid "
-                    f"records follow at byte {following}; nothing was discarded. Run "
-                    "`python -m nbmplock repair OUT_PATH` to keep every readable record "
-                    "(items of the damaged one will run again).")
-            log.warning("skipping a damaged log record at bytes %d-%d", pos, following)
-            damaged += 1
-            pos = following
-            continue
-        _magic, kind, flags, _length, _crc = _HEADER.unpack_from(buf, pos)
-        payload = buf[pos + _HEADER.size:end]
-        if kind == _DONE:
-            (names_len,) = _U32.unpack_from(payload, 0)
-            done_names = pickle.loads(payload[4:4 + names_len])
-            if names:
-                done.update(done_names)
-            if res is not None and flags & _HAS_RESULTS:
-                res.update(zip(done_names, pickle.loads(payload[4 + names_len:])))
-        elif kind == _FAIL:
-            for row in pickle.loads(payload):
-                failure = Failure(*row)
-                failures[failure.item] = failure
-        elif kind == _END:
-            try:
-                last_end = json.loads(bytes(payload))
-            except ValueError:
-                last_end = None
-        records += 1
-        pos = end
-    for item in [k for k in failures if k in done]:
-        del failures[item]
-    return Contents(done, res, failures, records, pos, n - pos, last_end=last_end,
-                    damaged=damaged)
 
 
 def _read_log(path: str) -> bytes:
@@ -471,7 +281,7 @@ class RunStore:
                             out_path, contents.torn_bytes)
                 os.truncate(log_path, contents.valid_bytes)
             if contents.records >= _COMPACT_MIN_RECORDS:
-                _compact(log_path, contents if keep_results else scan(data, results=True))
+                compact(log_path, contents if keep_results else scan(data, results=True))
             return cls(out_path, lock_fd, contents, keep_results)
         except BaseException:
             os.close(lock_fd)
@@ -547,9 +357,8 @@ class RunStore:
         if not names:
             return 0
         keep = self.keep_results and results is not None
-        flags, *payload = _done_payload(names, results if keep else None,
-                                        results_blob if keep else None)
-        self._append(_frame(_DONE, flags, *payload))
+        self._append(done_record(names, results if keep else None,
+                                 results_blob if keep else None))
         cleared = 0
         failures = self.contents.failures
         if failures:
@@ -564,21 +373,17 @@ class RunStore:
         failures = list(failures)
         if not failures:
             return
-        rows = [f.row() for f in failures]
-        self._append(_frame(_FAIL, 0, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
+        self._append(fail_record(failures))
         for f in failures:
             self.contents.failures[f.item] = f
 
     def record_complete(self, items_hash: str, n_items: int, n_distinct: int) -> None:
         """Every item of the list with ``items_hash`` is done: end the log saying so."""
-        body = _COMPLETE_BODY.pack(items_hash.encode("ascii"), n_items, n_distinct)
-        self._append(_frame(_COMPLETE, 0, body))
+        self._append(complete_record(items_hash, n_items, n_distinct))
 
     def record_end(self, status: str, reason: str = "") -> None:
         """Say how this run ended: "finished", "stopped" or "failed", and why."""
-        body = json.dumps({"status": status, "reason": reason, "time": time.time(),
-                           "pid": os.getpid()}).encode()
-        self._append(_frame(_END, 0, body))
+        self._append(end_record(status, reason))
 
     def write_fingerprint(self, fp: Fingerprint) -> None:
         path = os.path.join(self.dir, "job.json")
@@ -662,35 +467,6 @@ class RunStore:
                 os.close(self._lock_fd)
 
 
-def _compact(log_path: str, contents: Contents) -> None:
-    """Rewrite the log from ``contents`` (loaded with results) in a few big records.
-
-    Written to a temporary file, fsynced and renamed over the log: a crash
-    leaves either the old log or the new one.
-    """
-    with_results = [k for k in contents.done if k in contents.results]
-    without = [k for k in contents.done if k not in contents.results]
-    tmp = log_path + ".compact"
-    with open(tmp, "wb") as f:
-        for group_start in range(0, len(without), _COMPACT_GROUP):
-            names = without[group_start:group_start + _COMPACT_GROUP]
-            f.writelines(_frame(_DONE, *_done_payload(names, None)))
-        for group_start in range(0, len(with_results), _COMPACT_GROUP):
-            names = with_results[group_start:group_start + _COMPACT_GROUP]
-            f.writelines(_frame(_DONE, *_done_payload(names, [contents.results[k] for k in names])))
-        if contents.failures:
-            rows = [x.row() for x in contents.failures.values()]
-            f.writelines(_frame(_FAIL, 0, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, log_path)
-    dir_fd = os.open(os.path.dirname(log_path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def repair(out_path: str) -> Contents:
     """Rewrite the log keeping every readable record; returns what it kept.
 
@@ -703,5 +479,5 @@ def repair(out_path: str) -> Contents:
         raise RunLockedError(out_path, holder if holder > 0 else None)
     path = os.path.join(state_dir(out_path), "log")
     contents = scan(_read_log(path), results=True, skip_damaged=True)
-    _compact(path, contents)
+    compact(path, contents)
     return contents

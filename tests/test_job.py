@@ -235,12 +235,14 @@ def test_ctrl_c_at_any_point_of_wait_never_wedges_the_job(tmp_path):
     n = 0
     while True:
         n += 1
+        assert n < 2000, "wait() should have far fewer interrupt points"
         job = Job(items, helpers.slow, out_path=str(tmp_path / f"run{n}"), num_procs=1,
                   shared_data={"sleep": 0.005})
         job.start()
         fired = _interrupt_at_opcode(n)
         try:
-            job.wait()
+            # bounded: a wedged job fails here with every thread's stack (conftest)
+            assert job.wait(60), f"interrupted at point {n} of wait(), the job never ended"
         except KeyboardInterrupt:
             pass
         finally:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import nbmplock
+from nbmplock import _log as log_format
 from nbmplock import _store
 
 from .helpers import FIGURES, REPO
@@ -62,8 +63,8 @@ def records(out: Path) -> list[tuple[int, int, int]]:
     data = (out / _store.STATE_DIR / "log").read_bytes()
     pos, found = 0, []
     while pos < len(data):
-        _magic, kind, _flags, length, _crc = _store._HEADER.unpack_from(data, pos)
-        end = pos + _store._HEADER.size + length
+        _magic, kind, _flags, length, _crc = log_format._HEADER.unpack_from(data, pos)
+        end = pos + log_format._HEADER.size + length
         found.append((pos, end, kind))
         pos = end
     assert pos == len(data)
@@ -88,14 +89,14 @@ def bases(tmp_path_factory):
     complete = root / "complete"
     assert run(ITEMS, complete, root / "l1") == expected(ITEMS)
     recs = records(complete)
-    assert [k for _, _, k in recs] == ([_store._DONE] * len(ITEMS)
-                                       + [_store._END, _store._COMPLETE])
+    assert [k for _, _, k in recs] == ([log_format._DONE] * len(ITEMS)
+                                       + [log_format._END, log_format._COMPLETE])
     done = _copy(complete, root / "done")
     os.truncate(_log(done), recs[-2][0])
     fail = root / "fail"
     assert run(ITEMS + [BAD], fail, root / "l2", errors="record") == expected(ITEMS + [BAD])
     recs = records(fail)
-    assert [k for _, _, k in recs[-2:]] == [_store._FAIL, _store._END]
+    assert [k for _, _, k in recs[-2:]] == [log_format._FAIL, log_format._END]
     os.truncate(_log(fail), recs[-1][0])
     return {"complete": complete, "done": done, "fail": fail}
 
@@ -176,7 +177,7 @@ def test_torn_last_fail_record(bases, tmp_path, rng, how):
     """The failure record (a traceback: ~1-2 KB): its header bytes and a sample of the rest."""
     base = bases["fail"]
     start, end, _ = records(base)[-1]
-    offsets = sorted(set(range(start, start + _store._HEADER.size + 2))
+    offsets = sorted(set(range(start, start + log_format._HEADER.size + 2))
                      | set(rng.sample(range(start, end), min(40, end - start))) | {end - 1})
     items = ITEMS + [BAD]
     for offset in offsets:
