@@ -19,14 +19,15 @@ from __future__ import annotations
 
 from ._errors import (InvalidArgumentsError, ItemTimeoutError, JobStateError,
                       MissingDependencyError, NbmplockError, RemoteTraceback,
-                      RunDirectoryLostError, RunLockedError,
+                      RunDirectoryLostError, RunLockedError, WorkChangedError,
                       SerializationError, StoreCorruptError, WorkerDiedError, WorkerInitError)
 from . import _display, _job
 from ._errors import FailureKind
 from ._job import Job, run
 from ._seed import is_mp_lock_completed, mp_lock, mp_lock_batch, mp_lock_value, mp_lock_values
 from ._state import Event, EventKind, JobState, Progress, RunSummary
-from ._store import Failure, Snapshot, read_snapshot
+from ._log import Failure
+from ._read import Snapshot, read_snapshot
 
 _job.views = _display  # a Job shows its panel through the views above it
 
@@ -52,6 +53,7 @@ __all__ = [
     "SerializationError",
     "Snapshot",
     "StoreCorruptError",
+    "WorkChangedError",
     "WorkerDiedError",
     "WorkerInitError",
     "is_mp_lock_completed",

@@ -17,6 +17,7 @@ current unit).
 from __future__ import annotations
 
 import enum
+import pickle
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,15 +48,37 @@ class LossKind(str, enum.Enum):
 
 @dataclass(eq=False)
 class Chunk:
-    """Items sent to one worker together.
+    """Items sent to one worker together, by their positions in ``data``
+    (the job's item list).
 
-    ``span`` is ``(start, stop)`` when the items are ``data_list[start:stop]``:
-    a forked worker, which has the list already, is sent only the span.
+    ``span`` is ``(start, stop)`` when the positions are consecutive: a
+    forked worker, which has the list already, is sent only the span.
     """
 
     id: int
-    items: list
-    span: tuple[int, int] | None = None
+    positions: Sequence[int]
+    data: Sequence = ()
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        p = self.positions
+        if isinstance(p, range):
+            return (p.start, p.stop) if p.step == 1 else None
+        if len(p) and p[-1] - p[0] + 1 == len(p) and all(
+                b == a + 1 for a, b in zip(p, p[1:])):
+            return (p[0], p[-1] + 1)
+        return None
+
+    @property
+    def items(self) -> list:
+        span = self.span
+        if span is not None:
+            return list(self.data[span[0]:span[1]])
+        data = self.data
+        return [data[i] for i in self.positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
 
 
 @dataclass(frozen=True)
@@ -90,15 +113,26 @@ class ItemError(NamedTuple):
 
 @dataclass(frozen=True)
 class ChunkDone:
-    """A chunk came back: ``n_run`` items ran (fewer when stopped or given back)."""
+    """A chunk came back: ``n_run`` items ran (fewer when stopped or given back).
+
+    Its results travel as the worker's pickle, ``results_blob``: the parent
+    stores that very pickle and unpickles it only when it needs the values
+    (a ``save_callback``, failures to take out).
+    """
 
     chunk: Chunk
     n_run: int
-    results: list | None
     failures: list[ItemError]
     seconds: float
     worker: str
-    results_blob: bytes | None = None  # the pickle of ``results``, if the backend has it
+    results_blob: bytes | None = None
+    results_list: list | None = None  # when the backend has the values already (Dask)
+
+    @property
+    def results(self) -> list | None:
+        if self.results_list is None and self.results_blob is not None:
+            object.__setattr__(self, "results_list", pickle.loads(self.results_blob))
+        return self.results_list
 
 
 @dataclass(frozen=True)

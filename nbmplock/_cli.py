@@ -2,6 +2,7 @@
 
 ``status OUT_PATH``    done / failed / total, last update, live holder, last failures
 ``failures OUT_PATH``  every failure with its traceback
+``forget OUT_PATH``    forget items on purpose (``--failed``, ``--all``, ``--items FILE``)
 ``repair OUT_PATH``    rewrite a damaged log, keeping every readable record
 ``demo [OUT_PATH]``    a short job that is stopped part-way and resumed
 
@@ -16,7 +17,8 @@ import hashlib
 import os
 import sys
 
-from ._store import STATE_DIR, read_snapshot, repair
+from ._read import STATE_DIR, read_snapshot
+from ._store import forget_in, repair
 from ._text import clip, short_repr
 
 
@@ -157,6 +159,13 @@ def _main(argv: list[str] | None) -> int:
     p_status.add_argument("--last", type=int, default=5, help="failures to show (default 5)")
     p_fail = sub.add_parser("failures", help="every failure with its traceback")
     p_fail.add_argument("out_path")
+    p_forget = sub.add_parser("forget", help="forget items on purpose, so they run again")
+    p_forget.add_argument("out_path")
+    what = p_forget.add_mutually_exclusive_group(required=True)
+    what.add_argument("--failed", action="store_true", help="every failure")
+    what.add_argument("--all", action="store_true", help="every item: the next run starts over")
+    what.add_argument("--items", metavar="FILE",
+                      help="a file of str items (their keys), one per line")
     p_repair = sub.add_parser("repair", help="rewrite a damaged log, keeping readable records")
     p_repair.add_argument("out_path")
     p_demo = sub.add_parser("demo", help="a short job, stopped part-way and resumed")
@@ -178,10 +187,21 @@ def _main(argv: list[str] | None) -> int:
             return status(args.out_path, args.last, out)
         if args.command == "failures":
             return failures(args.out_path, out)
+        if args.command == "forget":
+            keys = None
+            if args.items:
+                with open(args.items, encoding="utf-8") as f:
+                    keys = [line.rstrip("\n") for line in f if line.rstrip("\n")]
+            forget_in(args.out_path, keys=keys, failed=args.failed, everything=args.all)
+            what = "every item" if args.all else ("every failure" if args.failed else
+                                                  f"{len(keys):,} items")
+            out.write(f"forgot {what}: recorded in the log; they run again on the next run\n")
+            return 0
         kept = repair(args.out_path)
         dropped = (f"{kept.damaged:,} damaged part(s) of the log dropped (their items are "
                    "not done and run again)") if kept.damaged else "nothing was damaged"
-        out.write(f"repaired: {len(kept.done):,} items done and {len(kept.failures):,} failed "
+        done = kept.all_done()
+        out.write(f"repaired: {len(done):,} items done and {len(kept.live_failures(done)):,} failed "
                   f"are kept; {dropped}\n")
         return 0
     except BrokenPipeError:

@@ -240,7 +240,7 @@ class DaskBackend(BackendBase):
                                      self._stop_name, blob, self._want_results,
                                      self._timeout, key=key)
         self._chunks[key] = (chunk, future)
-        self._items_in_flight += len(chunk.items)
+        self._items_in_flight += len(chunk)
         future.add_done_callback(self._done.put)
 
     def in_flight(self) -> dict[str, int]:
@@ -374,7 +374,7 @@ class DaskBackend(BackendBase):
             if entry is not None:  # pragma: no cover - keys are unique per run
                 self._chunks[future.key] = entry
             return None
-        self._items_in_flight -= len(entry[0].items)
+        self._items_in_flight -= len(entry[0])
         return entry[0]
 
     def _collect(self, futures: list, events: list) -> None:
@@ -420,11 +420,13 @@ class DaskBackend(BackendBase):
         if kind == "chunk":
             _, _, n_run, results, failures, seconds = pickle.loads(body)
             self._succeeded = True
-            events.append(ChunkDone(chunk, n_run, results, failures, seconds, label))
+            events.append(ChunkDone(chunk, n_run, failures, seconds, label,
+                                    results_list=results))
             return
         if kind == "init_error":
             events.append(InitFailed(*body, worker=label))
-        events.append(ChunkDone(chunk, 0, [] if self._want_results else None, [], 0.0, label))
+        events.append(ChunkDone(chunk, 0, [], 0.0, label,
+                                results_list=[] if self._want_results else None))
 
     def _errored(self, future, events: list, exc: BaseException | None = None) -> None:
         if exc is None:
@@ -439,9 +441,9 @@ class DaskBackend(BackendBase):
             # Dask cannot say which of the tasks on a dying worker killed it: every
             # task assigned there counts. So a lost chunk first comes back whole (its
             # items return one unit per chunk); a unit lost a second time is blamed.
-            again = any(item in self._lost for item in chunk.items)
-            self._lost.update(dict.fromkeys(chunk.items))
-            blame = (chunk, 0) if again and len(chunk.items) <= self._unit else None
+            again = any(p in self._lost for p in chunk.positions)
+            self._lost.update(dict.fromkeys(chunk.positions))
+            blame = (chunk, 0) if again and len(chunk) <= self._unit else None
             message = f"the Dask workers running it died (KilledWorker: {_short(exc)})"
             events.append(ChunksLost([chunk], blame, LossKind.DIED, message, _last_worker(exc)))
             if blame is not None and not self._succeeded:
@@ -476,8 +478,8 @@ class DaskBackend(BackendBase):
 
     def _cancelled_chunk(self, chunk: Chunk, reason, events: list) -> None:
         if self._stopping:  # cancelled by request_stop: the chunk did not run
-            events.append(ChunkDone(chunk, 0, [] if self._want_results else None, [], 0.0,
-                                    "dask"))
+            events.append(ChunkDone(chunk, 0, [], 0.0, "dask",
+                                    results_list=[] if self._want_results else None))
             return
         self._fail(events, WorkerDiedError(
             "the Dask cluster cancelled nbmplock's tasks (the connection to the scheduler "

@@ -76,61 +76,60 @@ class ChunkSizer:
 
 
 class WorkQueue:
-    """Items left to dispatch, and the order they go out in.
+    """Positions of the item list left to dispatch, and the order they go out in.
 
-    ``source`` is the pending items (the job's own list when nothing is done
-    yet: then a chunk is also a ``span`` of it, which a forked worker reads
-    from its own copy). :meth:`take` returns the next chunk's items, retries
-    first, then rests given back, then the next slice of ``source``.
+    ``pending`` is the positions to run, in order (a ``range`` when nothing
+    is done yet). :meth:`take` returns the next chunk's positions: retries
+    first, then rests given back, then the next slice of ``pending``.
     """
 
-    def __init__(self, source: Sequence | None, items: Sequence, unit: int):
-        self._source = source
-        self._is_list = source is items
+    def __init__(self, pending: Sequence[int], unit: int):
+        self._pending: Sequence[int] | None = pending if len(pending) else None
         self._cursor = 0
         self._unit = unit
         self._retry: deque = deque()
         self._returned: deque = deque()  # rests of chunks given back (work stealing)
-        self.dispatched = 0  # items handed out from source and rests (not retries)
+        self.dispatched = 0  # positions handed out from pending and rests (not retries)
 
     @property
     def exhausted(self) -> bool:
-        return not self._retry and not self._returned and self._source is None
+        return not self._retry and not self._returned and self._pending is None
 
-    def take(self, size: int, workers: int) -> tuple[list, tuple[int, int] | None] | None:
-        """The next chunk, ``(items, span or None)``, or None when nothing is left."""
+    def take(self, size: int, workers: int) -> Sequence[int] | None:
+        """The next chunk's positions, or None when nothing is left."""
         unit = self._unit
         if self._retry:
-            return [self._retry.popleft() for _ in range(min(unit, len(self._retry)))], None
+            return [self._retry.popleft() for _ in range(min(unit, len(self._retry)))]
         if self._returned:  # shared out again, whatever chunk_size says
             rest = self._returned[0]
             share = -(-len(rest) // (workers * unit)) * unit
-            items = rest[:max(unit, min(share, size))]
-            if len(items) < len(rest):
-                self._returned[0] = rest[len(items):]
+            positions = rest[:max(unit, min(share, size))]
+            if len(positions) < len(rest):
+                self._returned[0] = rest[len(positions):]
             else:
                 self._returned.popleft()
-            self.dispatched += len(items)
-            return items, None
-        while self._source is not None:
+            self.dispatched += len(positions)
+            return positions
+        if self._pending is not None:
             start = self._cursor
-            stop = min(start + size, len(self._source))
-            if start >= stop:
-                self._source = None
-                break
+            stop = min(start + size, len(self._pending))
             self._cursor = stop
+            if stop >= len(self._pending):
+                pending, self._pending = self._pending, None
+            else:
+                pending = self._pending
             self.dispatched += stop - start
-            return self._source[start:stop], (start, stop) if self._is_list else None
+            return pending[start:stop]
         return None
 
-    def retry(self, items, first: bool = False) -> None:
-        """Send ``items`` again: before everything else when ``first``."""
+    def retry(self, positions, first: bool = False) -> None:
+        """Send ``positions`` again: before everything else when ``first``."""
         if first:
-            self._retry.extendleft(reversed(list(items)))
+            self._retry.extendleft(reversed(list(positions)))
         else:
-            self._retry.extend(items)
+            self._retry.extend(positions)
 
-    def give_back(self, rest: list) -> None:
+    def give_back(self, rest: Sequence[int]) -> None:
         """The rest of a chunk a worker returned early: it goes out again next."""
         self._returned.appendleft(rest)
         self.dispatched -= len(rest)

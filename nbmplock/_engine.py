@@ -209,7 +209,8 @@ class LocalBackend(BackendBase):
     def submit(self, chunk: Chunk) -> None:
         worker = min((w for w in self._workers.values() if self._accepts(w)),
                      key=lambda w: len(w.chunks))
-        sent = chunk.span if chunk.span is not None and self._items is not None else chunk.items
+        span = chunk.span
+        sent = span if span is not None and self._items is not None else chunk.items
         data = dumps((chunk.id, sent))
         worker.chunks.append(chunk)
         worker.queued.append(len(data) + 8)
@@ -246,7 +247,7 @@ class LocalBackend(BackendBase):
         best, best_key = None, (False, 0)
         for w in self._workers.values():
             for i, chunk in enumerate(w.chunks):
-                units = -(-len(chunk.items) // self._unit)
+                units = -(-len(chunk) // self._unit)
                 running = i == 0 and int(w.slot[SLOT_CHUNK]) == chunk.id
                 if i == 0 and not running:
                     # About to start: taking it back would only delay it (and
@@ -266,7 +267,7 @@ class LocalBackend(BackendBase):
         return True
 
     def in_flight(self) -> dict[str, int]:
-        return {w.label: sum(len(c.items) for c in w.chunks) for w in self._workers.values()}
+        return {w.label: sum(len(c) for c in w.chunks) for w in self._workers.values()}
 
     def wakeup(self) -> None:
         # Thread-safe. Invariant (no lost wake-up): the wake pipe is level-
@@ -339,14 +340,12 @@ class LocalBackend(BackendBase):
         kind = msg[0]
         if kind == "chunk":
             _, chunk_id, n_run, _has_results, failures, seconds = msg
-            results = None if blob is None else pickle.loads(blob)
             chunk = worker.chunks.popleft()
             worker.queued.popleft()
             assert chunk.id == chunk_id, (chunk.id, chunk_id)
             if chunk.id == self._giving_back:
                 self._giving_back = None
-            events.append(ChunkDone(chunk, n_run, results, failures, seconds, worker.label,
-                                    blob))
+            events.append(ChunkDone(chunk, n_run, failures, seconds, worker.label, blob))
         elif kind == "ready":
             worker.ready = True
             self._start_deaths = 0

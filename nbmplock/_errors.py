@@ -8,6 +8,7 @@
     ├── RunLockedError (RuntimeError)        another live run holds the run directory
     ├── StoreCorruptError (RuntimeError)     a damaged record in the middle of the run store
     ├── RunDirectoryLostError (RuntimeError) the run directory was deleted or replaced mid-run
+    ├── WorkChangedError (RuntimeError)      on_change="error", and the work changed
     ├── JobStateError (RuntimeError)         a Job method called in a state that forbids it
     ├── WorkerInitError (RuntimeError)       init_function raised in a worker
     ├── WorkerDiedError (RuntimeError)       a worker process died while holding items
@@ -92,6 +93,24 @@ class RunDirectoryLostError(NbmplockError, RuntimeError):
     no longer there, so it cannot claim that work, and another run may now
     hold the directory.
     """
+
+
+class WorkChangedError(NbmplockError, RuntimeError):
+    """``on_change="error"``: items were done by other work (another function,
+    init_function, shared_data or batch size) than this run's; nothing ran."""
+
+    def __init__(self, out_path: str, changes: list[str]):
+        self.out_path = out_path
+        self.changes = changes
+        super().__init__(
+            f"{out_path!r} holds items done by other work: " + "; ".join(changes)
+            + ". Nothing ran. Choose: on_change='warn' (keep them as done), "
+            "on_change='rerun' (run them again with this work), forget them "
+            "(job.forget(all=True), or `python -m nbmplock forget OUT_PATH --all`), or "
+            "use another out_path.")
+
+    def __reduce__(self):
+        return (type(self), (self.out_path, self.changes))
 
 
 class JobStateError(NbmplockError, RuntimeError):

@@ -1,7 +1,17 @@
-"""What identifies a run's work: the function and the item list, as hashes.
+"""What identifies a run's work, and its item list, as hashes.
 
-A resume compares the fingerprint of the new call with the one recorded by the
-last run (``job.json``) and says in words what changed.
+The *work* is what can change a result: the ``process`` function (its source,
+or bytecode, and the functions and plain values of the notebook or
+``__main__`` it uses), ``init_function`` (the same), ``shared_data`` (a hash
+of its pickle) and the batch size. Its hash, cut to 16 characters, is the
+run id every done record carries, so a later run can tell what was done by
+other work (``on_change="rerun"``). The item list is known by the hash of its
+keys. A resume compares the fingerprint with the last run's (``job.json``)
+and says in words what changed.
+
+``shared_data`` that cannot be pickled is not hashed (its changes cannot be
+seen; the fingerprint says so); big data is hashed whole (BLAKE2b reads about
+a gigabyte a second), once per run.
 """
 
 from __future__ import annotations
@@ -10,9 +20,19 @@ import functools
 import hashlib
 import inspect
 import marshal
+import pickle
+import types
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+#: The parts of the work, in the words a change is reported with.
+PARTS = {"function_hash": "the process function",
+         "init_hash": "init_function",
+         "shared_hash": "shared_data",
+         "batch_size": "batch_size"}
+UNHASHABLE = "unhashable"
 
 
 @dataclass(frozen=True)
@@ -22,19 +42,49 @@ class Fingerprint:
     n_items: int
     items_hash: str
     n_distinct: int | None = None
+    init_hash: str = ""
+    shared_hash: str = ""
+    batch_size: int | None = None
+    run: str = ""  # the id of the work: see work_id
+
+    def work(self) -> dict:
+        """The fingerprint of the work alone (what a RUN record holds)."""
+        return {k: v for k, v in asdict(self).items()
+                if k in PARTS or k in ("function", "run")}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Fingerprint:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def changes_from(self, old: Fingerprint | None) -> list[str]:
-        """Plain-language differences from the run recorded before."""
+        """Plain-language differences from the run recorded before (work first)."""
         if old is None:
             return []
+        changes = self.work_changes_from(old)
+        if old.items_hash != self.items_hash:
+            changes.append(f"the item list changed ({old.n_items} -> {self.n_items} items)")
+        return changes
+
+    def work_changes_from(self, old: Fingerprint) -> list[str]:
         changes = []
         if old.function_hash != self.function_hash:
             if old.function == self.function:
-                changes.append(f"the source of the process function {self.function!r} changed")
+                changes.append(f"the process function {self.function!r} (or a function or "
+                               "value of the notebook it uses) changed")
             else:
-                changes.append(f"the process function changed ({old.function} -> {self.function})")
-        if old.items_hash != self.items_hash:
-            changes.append(f"the item list changed ({old.n_items} -> {self.n_items} items)")
+                changes.append(f"the process function changed ({old.function} -> "
+                               f"{self.function})")
+        # Runs recorded before these parts were fingerprinted have them empty:
+        # nothing can be said about them.
+        if old.init_hash and old.init_hash != self.init_hash:
+            changes.append("init_function (or what it uses) changed")
+        if old.shared_hash and old.shared_hash != self.shared_hash:
+            changes.append("shared_data changed" if UNHASHABLE not in (
+                old.shared_hash, self.shared_hash) else
+                "shared_data may have changed (it cannot be pickled, so it is not compared)")
+        if old.run and old.batch_size != self.batch_size:
+            changes.append(f"batch_size changed ({old.batch_size} -> {self.batch_size})")
         return changes
 
 
@@ -56,20 +106,92 @@ def function_name(fn: Callable) -> str:
             or type(target).__qualname__)
 
 
-def function_identity(fn: Callable) -> tuple[str, str]:
-    """A name and a hash of the source (or bytecode) of ``fn``."""
-    target = unwrap(fn)
-    name = getattr(target, "__qualname__", None) or repr(target)
+def _code_text(target: Any) -> bytes:
     try:
-        text = inspect.getsource(target).encode()
+        return inspect.getsource(target).encode()
     except (OSError, TypeError):
         code = getattr(target, "__code__", None)
-        text = marshal.dumps(code) if code is not None else name.encode()
-    return name, hashlib.blake2b(text, digest_size=16).hexdigest()
+        return marshal.dumps(code) if code is not None else repr(target).encode()
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _is_users(obj: Any) -> bool:
+    """Defined in a notebook or a script's ``__main__`` (not a library's)."""
+    return getattr(obj, "__module__", None) == "__main__"
+
+
+def _feed(h, fn: Any, seen: set, depth: int) -> None:
+    """Hash the source of ``fn`` and what it uses of the notebook's names."""
+    target = unwrap(fn)
+    if id(target) in seen:
+        return
+    seen.add(id(target))
+    h.update(_code_text(target))
+    if isinstance(fn, functools.partial):  # its bound arguments are part of the work
+        h.update(_value_hash((fn.args, sorted(fn.keywords.items()))).encode())
+    func = getattr(target, "__func__", target)
+    code = getattr(func, "__code__", None)
+    if code is None or depth > 5 or not _is_users(func):
+        return
+    namespace = getattr(func, "__globals__", {})
+    for name in sorted(_global_names(code)):
+        if name not in namespace:
+            continue
+        value = namespace[name]
+        h.update(name.encode())
+        if isinstance(value, types.ModuleType):
+            continue  # a library: its version is not the notebook's to change
+        if (inspect.isfunction(value) or inspect.isclass(value)) and _is_users(value):
+            _feed(h, value, seen, depth + 1)
+        elif callable(value):
+            continue  # a library's function or class
+        else:
+            h.update(_value_hash(value).encode())
+
+
+def _value_hash(value: Any) -> str:
+    try:
+        data = pickle.dumps(value, protocol=4)
+    except Exception:  # noqa: BLE001
+        try:
+            import dill
+            data = dill.dumps(value, protocol=4, recurse=True)
+        except Exception:  # noqa: BLE001 - cannot be compared
+            return UNHASHABLE
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def function_identity(fn: Callable) -> tuple[str, str]:
+    """A name and a hash of ``fn``: its source (or bytecode), and the functions,
+    classes and plain values of the notebook (``__main__``) it uses."""
+    target = unwrap(fn)
+    name = getattr(target, "__qualname__", None) or repr(target)
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, fn, set(), 0)
+    return name, h.hexdigest()
+
+
+def work_fingerprint(process: Callable, init_function: Callable | None, shared_data: Any,
+                     batch_size: int | None, *, n_items: int, items_hash: str,
+                     n_distinct: int) -> Fingerprint:
+    name, fn_hash = function_identity(process)
+    init_hash = function_identity(init_function)[1] if init_function is not None else "-"
+    shared_hash = _value_hash(shared_data)
+    run = hashlib.blake2b(f"{fn_hash}|{init_hash}|{shared_hash}|{batch_size}".encode(),
+                          digest_size=8).hexdigest()
+    return Fingerprint(name, fn_hash, n_items, items_hash, n_distinct, init_hash, shared_hash,
+                       batch_size, run)
 
 
 def items_hash(items) -> str:
-    """A stable hash of the item list, injective: the lengths are hashed too.
+    """A stable hash of a list of ``str``, injective: the lengths are hashed too.
 
     Computed in slices, so memory stays flat for long lists.
     """
@@ -79,4 +201,18 @@ def items_hash(items) -> str:
         part = items[start:start + 100_000]
         h.update(array("Q", map(len, part)).tobytes())
         h.update("".join(part).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def keys_hash(keys) -> str:
+    """The hash of an item list, from its keys. A list of ``str`` keys hashes as
+    :func:`items_hash` always did, so the COMPLETE mark of a run directory
+    written before items could be anything else still matches."""
+    if set(map(type, keys)) <= {str}:
+        return items_hash(keys)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"keys:" + str(len(keys)).encode())
+    for k in keys:
+        data = k.encode("utf-8", "surrogatepass") if type(k) is str else k
+        h.update((b"s" if type(k) is str else b"b") + len(data).to_bytes(8, "little") + data)
     return h.hexdigest()

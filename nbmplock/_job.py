@@ -11,26 +11,28 @@ the item rate; they never run on the manager thread.
 
 from __future__ import annotations
 
-import atexit
 import inspect
 import logging
 import os
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
-from itertools import repeat
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from ._backend import exiting
 from ._errors import InvalidArgumentsError, JobStateError, RunLockedError
+from ._keys import compute_keys
+from ._lifetime import live_job, register, register_exit_hook, unregister
 from ._notify import notifier
 from ._options import Options, make_options, options_doc, signature
 from ._runner import Runner
 from ._state import (Event, EventKind, JobState, Progress, Published, RunStatus, RunSummary,
                      StopMode, Tally)
-from ._store import Failure, by_time, read_contents, stored_state
+from . import _results
+from ._log import Failure, by_time
+from ._read import stored_state
+from ._store import forget_in
+from ._text import short_repr
 from ._sync import Handoff, RunEnd
 from ._validate import Spec, check_out_path, make_spec
 
@@ -62,43 +64,18 @@ _END_STATE = {RunStatus.FINISHED: JobState.FINISHED, RunStatus.STOPPED: JobState
 #: :mod:`nbmplock._display` (a view sits above the Job; the Job only calls it).
 views: Any = None
 
-_live: dict[str, weakref.ReferenceType] = {}
-_live_lock = threading.Lock()
-
-
-def _stop_every_job_at_exit(timeout: float = 5.0) -> None:
-    """The interpreter is exiting (a script's end, a kernel restart or shutdown).
-
-    Every live job stops as a Force stop would: no backend starts a worker any
-    more, the workers are killed, nothing is recorded as failed, and each run
-    records that it stopped. Registered (again) at every job start, after the
-    backend imported ``multiprocess``: atexit handlers run last-registered
-    first, and this one must run before ``multiprocess``'s, which would
-    SIGTERM the workers, and IPython's, which clears the notebook's names.
-    """
-    exiting.set()
-    with _live_lock:
-        jobs = [ref() for ref in _live.values()]
-    jobs = [job for job in jobs if job is not None and job.state.active]
-    for job in jobs:
-        job._stop(StopMode.FORCE, note="the interpreter exited (end of the script, or a "
-                                       "kernel restart or shutdown)")
-    deadline = time.monotonic() + timeout
-    for job in jobs:
-        job.wait(max(0.0, deadline - time.monotonic()))
-
-
-def _register_exit_hook() -> None:
-    atexit.unregister(_stop_every_job_at_exit)
-    atexit.register(_stop_every_job_at_exit)
-
-
-def live_job(out_path: str) -> Job | None:
-    """The Job of this process currently running on ``out_path``, if any."""
-    with _live_lock:
-        ref = _live.get(os.path.realpath(out_path))
-    job = ref() if ref is not None else None
-    return job if job is not None and job.state.active else None
+def _key_in(x: Any, known: set, key: Any) -> Any:
+    """The key of ``x``, given as an item or as a key, if it is one of ``known``."""
+    try:
+        if x in known:
+            return x
+    except TypeError:  # unhashable: an item, not a key
+        pass
+    try:
+        k = compute_keys([x], key)[0]
+    except InvalidArgumentsError:
+        return None
+    return k if k in known else None
 
 
 class Job:
@@ -159,7 +136,7 @@ class Job:
         """Numbers and failures from the run directory: shown before a start, after a
         restart. Read on first use, so a Job that is started at once never reads it."""
         if self._stored is None:
-            total, done, failures = stored_state(self.out_path, self.spec.items)
+            total, done, failures = stored_state(self.out_path, self.spec.item_list)
             self._stored = Published(Tally(total=total, done_before=done, failed=len(failures)),
                                      failures=failures)
         return self._stored
@@ -198,6 +175,34 @@ class Job:
         with self._lock:
             self._check(action)
             self._launch(mode)
+        self._emit_state()
+        return self
+
+    def forget(self, items: Iterable | None = None, *, failed: bool = False,
+               all: bool = False) -> Job:  # noqa: A002 - the word users say
+        """Forget items on purpose, so that they run again: ``items`` (of this job's
+        list, or their keys), every failure (``failed=True``) or everything
+        (``all=True``). Recorded in the log (nothing is rewritten: a kill
+        halfway loses nothing) and logged. Not while the job runs."""
+        if sum((items is not None, failed, all)) != 1:
+            raise InvalidArgumentsError("forget", "one of: items, failed=True, all=True",
+                                        "got none or several")
+        with self._lock:
+            if self._state.active:
+                raise JobStateError(f"cannot forget() while the job runs: {_WHY[self._state]}")
+            keys = None
+            if items is not None:
+                items = list(items)
+                known = set(self.spec.keys)
+                keys = [_key_in(x, known, self.spec.options.key) for x in items]
+                unknown = [x for x, k in zip(items, keys) if k is None]
+                if unknown:
+                    raise InvalidArgumentsError("items", "items of this job (or their keys)",
+                                                f"got {short_repr(unknown[0], 80)}")
+            forget_in(self.out_path, keys=keys, failed=failed, everything=all)
+            self._stored = None
+            self._runner = None
+            self._published = None
         self._emit_state()
         return self
 
@@ -244,7 +249,7 @@ class Job:
         handoff = Handoff()
         try:
             runner.prepare()  # raises here, in the caller, for a locked or unwritable out_path
-            _register_exit_hook()  # now that the backend's modules are imported
+            register_exit_hook()  # now that the backend's modules are imported
             self.fingerprint_changes = runner.fingerprint_changes
             self.error = None
             self.notes = ()
@@ -255,8 +260,7 @@ class Job:
             self._rate_samples.clear()
             self._end.begin()
             self._state = JobState.RUNNING
-            with _live_lock:
-                _live[os.path.realpath(self.out_path)] = weakref.ref(self)
+            register(self.out_path, self)
             self._thread = threading.Thread(target=self._run, args=(runner, handoff),
                                             name=f"nbmplock-{os.path.basename(self.out_path)}",
                                             daemon=True)
@@ -276,10 +280,7 @@ class Job:
             if runner.store is not None:
                 runner.store.close()
         finally:
-            with _live_lock:
-                key = os.path.realpath(self.out_path)
-                if key in _live and _live[key]() is self:
-                    del _live[key]
+            unregister(self.out_path, self)
             self._state = previous
             self._end.end()
 
@@ -365,34 +366,28 @@ class Job:
                           elapsed=p.elapsed, failures=self.failures, out_path=self.out_path,
                           state=p.state)
 
-    def results(self) -> list:
-        """Results in ``data_list`` order (None for items not done).
+    def results(self, *, by_key: bool = False) -> list | dict:
+        """Results in ``data_list`` order (None for items not done), or with
+        ``by_key=True`` a dict from each done item's key to its result.
 
         Available when results are kept (``keep_results``, the default without
-        a ``save_callback``), from this run and every earlier one.
+        a ``save_callback``), from this run and every earlier one; items a run
+        that kept no results did (``mp_lock``) run again for their values.
         """
-        if not self.spec.options.keep_results:
-            raise JobStateError("this job does not keep results (it has a save_callback); "
-                                "create it with keep_results=True to store them")
-        if self._state.active:
-            raise JobStateError(f"cannot read results(): {_WHY[self._state]}")
-        runner = self._runner
-        if runner is not None and runner.store is not None and runner.store.contents.results is not None:
-            stored = runner.store.contents.results
-        else:
-            stored = read_contents(self.out_path, results=True, names=False).results
-        missing = _MISSING
-        out = list(map(stored.get, self.spec.items, repeat(missing)))
-        n_missing = out.count(missing)
-        if n_missing:
-            failed = {f.item for f in self.failures}
-            out = [None if r is missing else r for r in out]
-            unexplained = n_missing - sum(1 for item in self.spec.items if item in failed)
-            if unexplained > 0:
-                log.warning("nbmplock: %d items of %r have no stored result (not done yet, or "
-                            "done by a run that kept no results, such as mp_lock); their "
-                            "results are None", unexplained, self.out_path)
-        return out
+        return _results.results(self, by_key=by_key)
+
+    def iter_results(self) -> Iterator[tuple[Any, Any]]:
+        """``(item, result)`` pairs as they are recorded, while the job runs: first
+        those stored already, then each as it is recorded, in no fixed order (as
+        ``imap_unordered`` or ``as_completed``); it ends when the run ends (a
+        Stop ends it cleanly). Needs kept results, as :meth:`results`."""
+        return _results.iter_results(self)
+
+    def to_pandas(self):
+        """A ``pandas.DataFrame``, one row per item: ``key``, ``item``, ``result``,
+        ``state`` ("done", "failed", "not done"), ``error_type``, ``error_message``.
+        Needs ``pip install "nbmplock[pandas]"``."""
+        return _results.to_pandas(self)
 
     # -- display ---------------------------------------------------------
     def status_text(self) -> str:

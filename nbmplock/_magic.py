@@ -163,6 +163,8 @@ class MplockMagics(Magics):
                 continue
             if f.name == "backend":
                 value = self._backend(_unquote(value))
+            elif f.name == "key":
+                value = self._key(_unquote(value))
             elif opt.from_namespace:
                 value = self._evaluate(opt.flag, _unquote(value))
             kwargs[f.name] = value
@@ -202,6 +204,11 @@ class MplockMagics(Magics):
         except Exception as exc:
             raise UsageError(f"%%mplock: cannot evaluate {what} {expr!r}: "
                              f"{type(exc).__name__}: {exc}") from exc
+
+    def _key(self, text: str) -> Any:
+        """``--key NAME``: a function of the notebook of that name, else a field name."""
+        value = self.shell.user_ns.get(text) if text.isidentifier() else None
+        return value if callable(value) else text
 
     def _backend(self, address: str) -> Any:
         value = self.shell.user_ns.get(address) if address.isidentifier() else None

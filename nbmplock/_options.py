@@ -21,6 +21,7 @@ from ._errors import InvalidArgumentsError
 from ._optional import require
 
 ERRORS_MODES = ("raise", "record")
+ON_CHANGE = ("warn", "error", "rerun")
 START_METHODS = ("fork", "spawn", "forkserver")
 _UNSET = object()
 
@@ -88,6 +89,13 @@ def _backend(name: str, value: object) -> object:
             f"got {type(value).__name__}")
     require("distributed")  # a missing extra is bad input too: say so before any work
     return value
+
+
+def _key(name: str, value: object) -> Callable | str | None:
+    if value is None or callable(value) or (isinstance(value, str) and value):
+        return value
+    raise InvalidArgumentsError(name, "None, a function of the item returning a str, or a "
+                                "field name (str)", f"got {type(value).__name__}")
 
 
 def _bool_or_none(name: str, value: object) -> bool | None:
@@ -181,6 +189,18 @@ class Options:
         None, check=_backend, flag="--backend", metavar="ADDRESS",
         help="a Dask distributed.Client or a scheduler address (the magic: an address, or "
              "the name of a Client variable)")
+    on_change: str = option(
+        "warn", check=_one_of(*ON_CHANGE), flag="--on-change", choices=ON_CHANGE,
+        help="when process, init_function, shared_data or batch_size changed since items "
+             "were done: 'warn' (they stay done; the panel, the bar and the log say what "
+             "changed), 'error' (refuse to resume, saying what changed), 'rerun' (items done "
+             "by other work run again; their old results stay until replaced)")
+    key: Callable | str | None = option(
+        None, check=lambda name, value: _key(name, value), flag="--key", metavar="KEY",
+        help="the identity under which an item is recorded: a function of the item "
+             "returning a str, or the name of a field of the items (dicts, named tuples, "
+             "dataclasses); default: a str item is its own key, other plain values get "
+             "one from their content (the magic: a notebook function's name, or a field)")
     keep_results: bool | None = option(
         None, check=_bool_or_none, seed=False,
         help="store every result in the run directory, for results() (default: when there "

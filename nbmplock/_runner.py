@@ -16,26 +16,30 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
-from itertools import filterfalse
 
 from ._backend import (Backend, Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, ItemError,
                        LossKind, WorkerOutput, WorkPayload)
 from ._dispatch import ChunkSizer, WorkQueue
 from ._errors import (FailureKind, ItemTimeoutError, RemoteTraceback, RunDirectoryLostError,
-                      RunLockedError, SerializationError, WorkerDiedError, WorkerInitError,
-                      add_note)
-from ._fingerprint import Fingerprint, function_identity, items_hash
+                      RunLockedError, SerializationError, WorkChangedError, WorkerDiedError,
+                      WorkerInitError, add_note)
+from ._fingerprint import Fingerprint, work_fingerprint
+from ._log import ranges_of
+from ._plan import make_plan
 from ._retry import RetryPolicy
 from ._saver import Saver, abandoned_call
 from ._state import Outcome, Published, RunStatus, StopMode, Tally
-from ._store import Failure, RunStore, by_time, read_fingerprint
+from ._read import read_fingerprint
+from ._log import Failure, by_time
+from ._store import RunStore
 from ._text import short_repr
 from ._validate import Spec
-from ._wire import rebuild_exception
+from ._wire import dumps, rebuild_exception
 
 log = logging.getLogger("nbmplock")
 
@@ -129,18 +133,20 @@ class Runner:
                 f"still running (thread {held.name!r} of this process); a new run would call "
                 "save_callback while it runs. Wait for it to return and try again, or "
                 "restart the kernel if it hangs."))
-        fn_name, fn_hash = function_identity(spec.process)
-        self._items_hash = items_hash(spec.items)
+        items = spec.item_list
         previous = read_fingerprint(spec.out_path)
-        self.store = store = RunStore.open(spec.out_path, keep_results=self.opts.keep_results,
-                                           items_hash=self._items_hash)
+        fp = work_fingerprint(spec.process, spec.init_function, spec.shared_data,
+                              self.opts.batch_size, n_items=len(items.keys),
+                              items_hash=items.hash, n_distinct=items.distinct)
+        self.fingerprint = fp
+        self.fingerprint_changes = fp.changes_from(previous)
+        rerun = self.opts.on_change == "rerun"
+        need_values = self.opts.keep_results
+        self.store = store = RunStore.open(
+            spec.out_path, keep_results=need_values, items_hash=items.hash,
+            shortcut=not (need_values or rerun or self.opts.on_change == "error"))
         try:
-            n_distinct = self._plan(previous)
-            fp = Fingerprint(fn_name, fn_hash, len(spec.items), self._items_hash, n_distinct)
-            self.fingerprint_changes = fp.changes_from(previous)
-            for change in self.fingerprint_changes:
-                log.warning("%s: resuming, but %s since the last run; items recorded done "
-                            "are not run again", spec.out_path, change)
+            self._plan_work(previous, fp, rerun, need_values)
             if fp != previous:
                 store.write_fingerprint(fp)
         except BaseException:
@@ -148,36 +154,42 @@ class Runner:
             self.store = None
             raise
 
-    def _plan(self, previous: Fingerprint | None) -> int:
-        """Count what is done and line up what is not; returns the distinct item count."""
-        items = self.spec.items
-        contents = self.store.contents
-        if contents.complete is not None:  # the log says: every item of this list is done
-            total = contents.complete[2]
-            self.tally = Tally(total=total, done_before=total)
-            return total
-        if previous is not None and previous.items_hash == self._items_hash and previous.n_distinct:
-            n_distinct = previous.n_distinct
-        else:
-            n_distinct = len(set(items))
-        done, failures = contents.done, contents.failures
-        pending = list(filterfalse(done.__contains__, items)) if done else None
-        if n_distinct != len(items):  # duplicates: each distinct item runs once
-            pending = list(dict.fromkeys(items if pending is None else pending))
-        left = n_distinct if pending is None else len(pending)
-        failed = 0
-        if failures:
-            failed = sum(map(failures.__contains__, items if pending is None else pending))
-        self.tally = Tally(total=n_distinct, done_before=n_distinct - left, failed=failed)
-        if self.mode == "failed":
-            pending = [i for i in (items if pending is None else pending) if i in failures]
-            left = len(pending)
-        self.to_do = left
-        self._queue = WorkQueue(items if pending is None else pending, items, self._unit)
-        sample = items[:1000]
-        self._avg_item_bytes = sum(len(i.encode("utf-8", "surrogatepass"))
-                                   for i in sample) / len(sample) + 8
-        return n_distinct
+    def _plan_work(self, previous: Fingerprint | None, fp: Fingerprint, rerun: bool,
+                   need_values: bool) -> None:
+        """Count what is done and line up what is not (positions of the item list)."""
+        spec, contents = self.spec, self.store.contents
+        work_changes = fp.work_changes_from(previous) if previous is not None else []
+        other_work = work_changes and self._done_by_other_work(fp)
+        if self.opts.on_change == "error" and other_work:
+            raise WorkChangedError(spec.out_path, work_changes)
+        plan = make_plan(contents, spec.item_list, mode=self.mode,
+                         run=fp.run if rerun else None, need_values=need_values)
+        self.tally = Tally(total=plan.total, done_before=plan.done_before, failed=plan.failed)
+        self.to_do = len(plan.pending)
+        self._queue = WorkQueue(plan.pending, self._unit)
+        for change in self.fingerprint_changes:
+            if change.startswith("the item list"):
+                log.warning("%s: resuming, but %s since the last run", spec.out_path, change)
+            elif rerun:
+                log.warning("%s: %s since the last run; on_change='rerun': items done before "
+                            "run again", spec.out_path, change)
+            else:
+                log.warning("%s: resuming, but %s since the last run; items recorded done are "
+                            "not run again (on_change='rerun' runs them again)",
+                            spec.out_path, change)
+        if plan.no_value:
+            self._note(f"{plan.no_value:,} items were done by a run that kept no results "
+                       "(mp_lock, or a save_callback); they run again for their values")
+        sample = spec.items[:1000]
+        self._avg_item_bytes = sum(map(len, map(_dumps_small, sample))) / len(sample) + 8
+
+    def _done_by_other_work(self, fp: Fingerprint) -> bool:
+        """Whether any item of the log was done by another work than ``fp``'s."""
+        c = self.store.contents
+        if c.complete is not None and not c.spans and not c.done_keys:
+            return True  # not loaded (shortcut): the fingerprint said the work changed
+        return any(s.run != fp.run for s in c.spans if not s.undo) or any(
+            run != fp.run for run in c.done_keys.values())
 
     # -- control from other threads --------------------------------------
     def request_stop(self, mode: StopMode = StopMode.GRACEFUL, note: str | None = None) -> None:
@@ -203,6 +215,9 @@ class Runner:
         self.tally = replace(self.tally, started=time.monotonic())
         try:
             if self.to_do > 0 and not self._stop_request:
+                items = self.spec.item_list
+                self.store.record_list(items.hash, items.keys)
+                self.store.record_run(self.fingerprint.run, self.fingerprint.work())
                 self._loop()
         except BaseException as exc:  # noqa: BLE001 - becomes the outcome
             self._error = self._error or exc
@@ -229,8 +244,8 @@ class Runner:
             backend.wakeup()
         if self.spec.save_callback is not None:
             self._saver = Saver(self.spec.save_callback, self.store.data_path,
-                                record=self.store.record_done, wake=backend.wakeup,
-                                out_path=self.spec.out_path)
+                                record=self._record_done, wake=backend.wakeup,
+                                out_path=self.spec.out_path, items=self.spec.items)
         while True:
             request = self._stop_request
             if request is not None and (self._stop_begun is None or request > self._stop_begun):
@@ -338,17 +353,16 @@ class Runner:
             # the saver wakes the manager when it has caught up.
             if saver is not None and saver.unsaved >= self.opts.save_batch + workers * size:
                 return
-            chunk = self._queue.take(size, workers)
-            if chunk is None:
+            positions = self._queue.take(size, workers)
+            if positions is None:
                 # Nothing left to hand out: let an idle worker take over part of
                 # a busy one's chunk (the local backend can; Dask cannot).
                 if not self._stopping:
                     backend.give_back()
                 return
-            items, span = chunk
             self._chunk_ids += 1
-            backend.submit(Chunk(self._chunk_ids, items, span))
-            self.tally = self.tally.add(in_flight=len(items))
+            backend.submit(Chunk(self._chunk_ids, positions, self.spec.items))
+            self.tally = self.tally.add(in_flight=len(positions))
             self._dirty = True
 
     # -- events ----------------------------------------------------------
@@ -380,28 +394,29 @@ class Runner:
             self._begin_stop(StopMode.GRACEFUL)
 
     def _chunk_done(self, ev: ChunkDone) -> None:
-        items = ev.chunk.items
-        self.tally = self.tally.add(in_flight=-len(items))
+        positions = ev.chunk.positions
+        self.tally = self.tally.add(in_flight=-len(positions))
         self._sizer.measured(ev.n_run, ev.seconds, len(ev.results_blob or b""))
-        results = ev.results
         if not ev.failures:
-            names = items[:ev.n_run] if ev.n_run < len(items) else items
-            blob = ev.results_blob
-            if results is not None and len(results) != len(names):
-                results, blob = results[:len(names)], None
-            self._deliver(names, results, blob)
+            if ev.n_run < len(positions):
+                ran = positions[:ev.n_run]
+                self._deliver(ran, None if ev.results is None else ev.results[:ev.n_run])
+            else:  # the results are unpickled only when the saver needs their values
+                self._deliver(positions, ev.results if self._saver is not None
+                              else ev.results_list, ev.results_blob)
         else:
             bad = {pos for f in ev.failures for pos in range(f.pos, f.pos + f.count)}
             keep = [i for i in range(ev.n_run) if i not in bad]
-            self._deliver([items[i] for i in keep],
+            results = ev.results
+            self._deliver([positions[i] for i in keep],
                           None if results is None else [results[i] for i in keep])
             rows = []
             for f in ev.failures:
-                for item in items[f.pos:f.pos + f.count]:
-                    rows += self._item_failed(item, f)
+                for position in positions[f.pos:f.pos + f.count]:
+                    rows += self._item_failed(position, f)
             self.store.record_failures(rows)
-        if ev.n_run < len(items) and not self._stopping:  # given back: dispatch the rest again
-            self._queue.give_back(items[ev.n_run:])
+        if ev.n_run < len(positions) and not self._stopping:  # given back: the rest again
+            self._queue.give_back(positions[ev.n_run:])
         self._dirty = True
 
     def _chunks_lost(self, ev: ChunksLost) -> None:
@@ -419,27 +434,28 @@ class Runner:
                               ("Last output of the worker:\n" + "\n".join(recent)) if recent
                               else "", None, ev.seconds,
                               FailureKind.TIMEOUT if timeout else FailureKind.DIED)
-            for item in chunk.items[pos:pos + self._unit]:
-                blamed.add(item)
-                rows += self._item_failed(item, error, ev.pid, ev.exitcode)
+            for position in chunk.positions[pos:pos + self._unit]:
+                blamed.add(position)
+                rows += self._item_failed(position, error, ev.pid, ev.exitcode)
         self.store.record_failures(rows)
         for chunk in ev.chunks:
-            self.tally = self.tally.add(in_flight=-len(chunk.items))
+            self.tally = self.tally.add(in_flight=-len(chunk.positions))
             if not self._stopping:
-                self._queue.retry([i for i in chunk.items if i not in blamed], first=True)
+                self._queue.retry([p for p in chunk.positions if p not in blamed], first=True)
         self._dirty = True
 
-    def _item_failed(self, item, error: ItemError, pid: int | None = None,
+    def _item_failed(self, position: int, error: ItemError, pid: int | None = None,
                      exitcode: int | None = None) -> list[Failure]:
         """Retry the item, or make its Failure (returned for one batched record)."""
-        attempts = self._retries.failed(item)
+        attempts = self._retries.failed(position)
         if self._retries.again(attempts) and not self._stopping:
-            self._queue.retry([item])
+            self._queue.retry([position])
             return []
-        prev = self.store.contents.failures.get(item)
-        failure = Failure(item, error.kind, error.exc_type, error.message, error.traceback,
-                          attempts + (prev.attempts if prev else 0), pid, exitcode,
-                          error.seconds, time.time())
+        key = self.spec.keys[position]
+        prev = self.store.contents.failures.get(key)
+        failure = Failure(self.spec.items[position], error.kind, error.exc_type, error.message,
+                          error.traceback, attempts + (prev.attempts if prev else 0), pid,
+                          exitcode, error.seconds, time.time(), key)
         if prev is None:
             self.tally = self.tally.add(failed=1)
         self._new_failures.append(failure)
@@ -465,18 +481,28 @@ class Runner:
         return exc
 
     # -- delivering results ----------------------------------------------
-    def _deliver(self, names: list, results: list | None, blob: bytes | None = None) -> None:
-        """``blob``, when given, is the pickle of exactly ``results``."""
-        if not names:
+    def _deliver(self, positions, results: list | None, blob: bytes | None = None) -> None:
+        """Items done: recorded at once, or handed to the saver. ``blob``, when
+        given, is the pickle of exactly ``results`` (the worker's own)."""
+        if not len(positions):
             return
         saver = self._saver
         if saver is None:
-            cleared = self.store.record_done(names, results, blob)
-            self.tally = self.tally.add(done=len(names), failed=-cleared)
+            cleared = self._record_done(positions, results, blob)
+            self.tally = self.tally.add(done=len(positions), failed=-cleared)
             return
         if saver.error is not None or self._stop_begun is StopMode.FORCE:
             return  # not saved, so not done: they run again
-        saver.add(names, results, self.opts.save_batch)
+        saver.add(positions, results, self.opts.save_batch)
+
+    def _record_done(self, positions, results: list | None, blob: bytes | None = None) -> int:
+        """One SPAN record: no per-item work here, unless failures are to be cleared.
+        Runs on the manager thread, or on the saver thread after save_callback."""
+        if self.opts.keep_results and blob is None and results is not None:
+            blob = dumps(list(results))
+        items = self.spec.item_list
+        return self.store.record_span(items.hash, self.fingerprint.run, ranges_of(positions),
+                                      items.keys, blob)
 
     # -- publishing ------------------------------------------------------
     def _publish_due(self, now: float) -> float | None:
@@ -537,9 +563,10 @@ class Runner:
         status = self._status()
         try:
             if c.done or self._stop_begun or self._error is not None:
-                store.record_end(status.value, self._end_reason(status))
+                store.record_end(status.value, self._end_reason(status), self.fingerprint.run)
+            items = self.spec.item_list
             if status is RunStatus.FINISHED and c.done_before + c.done == c.total:
-                store.record_complete(self._items_hash, len(self.spec.items), c.total)
+                store.record_complete(items.hash, len(items.keys), c.total)
         except OSError as exc:  # only information for the next run: not an error
             log.warning("nbmplock: could not record the end of the run in %r: %s",
                         self.spec.out_path, exc)
@@ -552,3 +579,11 @@ class Runner:
             parts.append({StopMode.GRACEFUL: "Stop", StopMode.NOW: "interrupt (Ctrl-C)",
                           StopMode.FORCE: "Force stop"}[self._stop_begun])
         return "; ".join(parts + self._notes)
+
+
+def _dumps_small(item) -> bytes:
+    """The size an item takes in a task, for the task-size cap (a sample's)."""
+    try:
+        return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - the worker's dill will say what is wrong
+        return b"x" * 64

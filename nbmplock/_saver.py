@@ -43,7 +43,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ._errors import add_note
 
@@ -75,7 +75,7 @@ def abandoned_call(out_path: str, wait: float = 0.0) -> threading.Thread | None:
 class Saver:
     """The thread that calls ``save_callback(data_path, results, names)``.
 
-    ``record(names, results)`` writes the done record; ``wake()`` interrupts
+    ``record(positions, results)`` writes the done record; ``wake()`` interrupts
     the manager's wait. Counters read by the manager: :attr:`saved` (items
     recorded done) and :attr:`cleared` (of them, items that had a failure
     recorded), written only by the saver thread.
@@ -83,10 +83,11 @@ class Saver:
 
     def __init__(self, callback: Callable, data_path: str, *,
                  record: Callable[[list, list], int], wake: Callable[[], None],
-                 out_path: str):
+                 out_path: str, items: Sequence):
         self._callback = callback
         self._data_path = data_path
-        self._buf_names: list = []  # manager side: results waiting to fill a batch
+        self._items = items  # what save_callback gets as data_names, by position
+        self._buf_positions: list = []  # manager side: results waiting to fill a batch
         self._buf_results: list = []
         self._record = record
         self._wake = wake
@@ -107,35 +108,35 @@ class Saver:
         self._thread: threading.Thread | None = None
 
     # -- the manager's side ----------------------------------------------
-    def add(self, names: list, results: list, batch: int) -> None:
-        """Results of finished items: handed over in batches of ``batch``; the
-        last, short batch waits for :meth:`finish`."""
-        self._buf_names.extend(names)
+    def add(self, positions, results: list, batch: int) -> None:
+        """Results of finished items (by position): handed over in batches of
+        ``batch``; the last, short batch waits for :meth:`finish`."""
+        self._buf_positions.extend(positions)
         self._buf_results.extend(results)
-        while len(self._buf_names) >= batch:
-            self.put(self._buf_names[:batch], self._buf_results[:batch])
-            del self._buf_names[:batch], self._buf_results[:batch]
+        while len(self._buf_positions) >= batch:
+            self.put(self._buf_positions[:batch], self._buf_results[:batch])
+            del self._buf_positions[:batch], self._buf_results[:batch]
 
     @property
     def unsaved(self) -> int:
         """Finished items not yet recorded done: buffered, queued or being saved."""
-        return len(self._buf_names) + self.pending
+        return len(self._buf_positions) + self.pending
 
     def finish(self, stop_deadline: float | None, keep_buffer: bool = True) -> None:
         """No more results: hand over the last batch (unless ``keep_buffer`` is
         False) and let the thread end once it has saved what it holds.
         ``stop_deadline``: a stop, see :meth:`finish_by`."""
-        if self._buf_names and keep_buffer and self.error is None:
-            self.put(self._buf_names, self._buf_results)
-        self._buf_names, self._buf_results = [], []
+        if self._buf_positions and keep_buffer and self.error is None:
+            self.put(self._buf_positions, self._buf_results)
+        self._buf_positions, self._buf_results = [], []
         if stop_deadline is not None:
             self.finish_by(stop_deadline)
         self.close()
 
     def abandon_all(self) -> list[str]:
         """A Force stop (or an error): :meth:`abandon`, and what it left, in words."""
-        queued = len(self._buf_names) + self.drop_pending()
-        self._buf_names, self._buf_results = [], []
+        queued = len(self._buf_positions) + self.drop_pending()
+        self._buf_positions, self._buf_results = [], []
         running = self.abandon()
         notes = []
         if running:
@@ -147,12 +148,12 @@ class Saver:
                          "by force); they are not recorded done and run again on resume")
         return notes
 
-    def put(self, names: list, results: list) -> None:
+    def put(self, positions: list, results: list) -> None:
         with self._cond:
             if self._closed or self._abandoned or self.error is not None:
                 return
-            self._todo.append((names, results))
-            self._todo_items += len(names)
+            self._todo.append((positions, results))
+            self._todo_items += len(positions)
             self._cond.notify()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, daemon=True,
@@ -241,10 +242,11 @@ class Saver:
                 self._todo.clear()
                 self._todo_items = 0
                 return False
-            names, results = self._todo.popleft()
-            self._todo_items -= len(names)
-            self._busy = len(names)
+            positions, results = self._todo.popleft()
+            self._todo_items -= len(positions)
+            self._busy = len(positions)
         started = time.monotonic()
+        names = [self._items[p] for p in positions]
         try:
             self._callback(self._data_path, results, names)
         except BaseException as exc:  # noqa: BLE001 - the run fails with it
@@ -255,7 +257,7 @@ class Saver:
         with cond:
             if self._abandoned:
                 return False  # a Force stop left: this batch is not recorded
-            self.cleared += self._record(names, results)
+            self.cleared += self._record(positions, results)
             self.saved += len(names)
             self._busy = 0
             self.longest_call = max(self.longest_call, seconds)

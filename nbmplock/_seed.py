@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._job import Job, RunSummary, stop_after_interrupt
+from ._keys import compute_keys
 from ._options import make_options, positive_int
-from ._store import is_complete
+from ._plan import ItemList
+from ._read import is_complete
 from ._text import clip, short_repr
 from ._validate import check_items, check_out_path
 
@@ -110,6 +112,10 @@ def mp_lock_batch(data_list: Sequence[str], process: Callable, save_callback: Ca
                 batch_size=batch_size, options=options).summary
 
 
-def is_mp_lock_completed(data_list: Sequence[str], out_path: str) -> bool:
-    """True when every item of ``data_list`` is recorded done in ``out_path``."""
-    return is_complete(check_out_path("out_path", out_path), check_items("data_list", data_list))
+def is_mp_lock_completed(data_list: Sequence, out_path: str, *, key: Any = None) -> bool:
+    """True when every item of ``data_list`` is recorded done in ``out_path``
+    (``key=``: as for the run that recorded them)."""
+    items = check_items("data_list", data_list)
+    out_path = check_out_path("out_path", out_path)
+    make_options(key=key)  # checks key=
+    return is_complete(out_path, ItemList.of(items, compute_keys(items, key)))

@@ -44,18 +44,20 @@ import os
 import socket
 import threading
 import time
+from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ._errors import InvalidArgumentsError, RunDirectoryLostError, RunLockedError
-from ._fingerprint import Fingerprint, items_hash
-from ._log import (COMPLETE_SIZE, Contents, Failure, by_time, compact, complete_record,
-                   done_record, end_record, fail_record, parse_complete, scan)
+from ._fingerprint import Fingerprint
+from ._done import compact
+from ._read import _pid_in, _read_log, lock_holder, read_complete, state_dir
+from ._log import (Contents, Failure, Span, _forget,
+                   complete_record, done_record, end_record, fail_record, forget_record,
+                   list_record, run_record, scan, span_record)
 
 log = logging.getLogger("nbmplock")
 
-STATE_DIR = ".nbmplock"
 SYNC_INTERVAL = 0.2
 
 _COMPACT_MIN_RECORDS = 4096
@@ -63,143 +65,6 @@ _COMPACT_MIN_RECORDS = 4096
 
 def _test_hook(where: str) -> None:
     """Replaced by tests to widen a race window on purpose (see tests/test_store.py)."""
-
-
-def read_complete(out_path: str) -> tuple[str, int, int] | None:
-    """The COMPLETE record ending the log, if it does: (items_hash, n_items, n_distinct)."""
-    path = os.path.join(state_dir(out_path), "log")
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            if size < COMPLETE_SIZE:
-                return None
-            f.seek(size - COMPLETE_SIZE)
-            return parse_complete(f.read(COMPLETE_SIZE))
-    except OSError:
-        return None
-
-
-def state_dir(out_path: str) -> str:
-    return os.path.join(out_path, STATE_DIR)
-
-
-def _read_log(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return b""
-
-
-def read_fingerprint(out_path: str) -> Fingerprint | None:
-    try:
-        with open(os.path.join(state_dir(out_path), "job.json"), encoding="utf-8") as f:
-            data = json.load(f)
-        return Fingerprint(data["function"], data["function_hash"],
-                           data["n_items"], data["items_hash"], data.get("n_distinct"))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def lock_holder(out_path: str) -> int | None:
-    """The pid of the live run holding ``out_path``, or None when it is free."""
-    path = os.path.join(state_dir(out_path), "lock")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return _pid_in(fd) or -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def _pid_in(fd: int) -> int | None:
-    """The pid holding the flock on ``fd``'s file.
-
-    Linux's /proc/locks names the holder even in the instant between its flock
-    and writing its pid into the file; elsewhere, the pid written in the file.
-    """
-    try:
-        inode = os.fstat(fd).st_ino
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                if ("->" not in fields and len(fields) >= 6 and fields[1] == "FLOCK"
-                        and fields[5].rsplit(":", 1)[-1] == str(inode)):
-                    return int(fields[4])
-    except (OSError, ValueError):
-        pass
-    try:
-        text = os.pread(fd, 200, 0).decode("utf-8", "replace")
-        return int(text.split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A read-only view of a run directory, for status displays and the CLI."""
-
-    out_path: str
-    done: int
-    failures: tuple[Failure, ...]
-    fingerprint: Fingerprint | None
-    last_update: float | None
-    holder_pid: int | None
-    torn_bytes: int
-    last_end: dict | None = None  # how the last run ended: status, reason, time, pid
-
-
-def read_snapshot(out_path: str) -> Snapshot:
-    """Read a run directory without taking its lock (works during a live run)."""
-    sdir = state_dir(out_path)
-    path = os.path.join(sdir, "log")
-    contents = scan(_read_log(path), results=False)
-    try:
-        last = os.stat(path).st_mtime
-    except OSError:
-        last = None
-    failures = by_time(contents.failures.values())
-    return Snapshot(out_path, len(contents.done), failures, read_fingerprint(out_path),
-                    last, lock_holder(out_path), contents.torn_bytes, contents.last_end)
-
-
-def is_complete(out_path: str, items) -> bool:
-    """True when every item of ``items`` is recorded done in ``out_path``."""
-    if not os.path.isdir(state_dir(out_path)):
-        return False
-    complete = read_complete(out_path)
-    if complete is not None and complete[0] == items_hash(items):
-        return True
-    done = read_contents(out_path).done
-    return bool(done) and done.issuperset(items)
-
-
-def stored_state(out_path: str, items) -> tuple[int, int, tuple[Failure, ...]]:
-    """``(total, done, failures)`` of ``items`` in ``out_path``, without taking its lock:
-    what a Job shows before it starts (after a kernel restart, say)."""
-    complete = read_complete(out_path)
-    if complete is not None and complete[0] == items_hash(items):
-        return complete[2], complete[2], ()
-    unique = set(items)
-    if not os.path.isdir(state_dir(out_path)):
-        return len(unique), 0, ()
-    contents = read_contents(out_path)
-    failures = by_time(f for key, f in contents.failures.items() if key in unique)
-    return len(unique), len(unique.intersection(contents.done)), failures
-
-
-def read_contents(out_path: str, *, results: bool = False, names: bool = True) -> Contents:
-    """The done-set (and results) of a run directory, without taking its lock."""
-    return scan(_read_log(os.path.join(state_dir(out_path), "log")), results=results,
-                names=names)
 
 
 class RunStore:
@@ -240,11 +105,13 @@ class RunStore:
 
     # -- opening ---------------------------------------------------------
     @classmethod
-    def open(cls, out_path: str, *, keep_results: bool, items_hash: str | None = None) -> RunStore:
+    def open(cls, out_path: str, *, keep_results: bool, items_hash: str | None = None,
+             shortcut: bool = True) -> RunStore:
         """Lock ``out_path`` and load what earlier runs recorded.
 
-        When the log ends with a COMPLETE record for ``items_hash`` nothing is
-        loaded: ``contents.complete`` says every item is done.
+        When the log ends with a COMPLETE record for ``items_hash`` (and
+        ``shortcut``) nothing is loaded: ``contents.complete`` says every item
+        is done.
 
         Raises :class:`RunLockedError` when a live run holds it, and
         :class:`InvalidArgumentsError` when it cannot be written.
@@ -271,17 +138,21 @@ class RunStore:
             os.pwrite(lock_fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
             log_path = os.path.join(sdir, "log")
             complete = read_complete(out_path)
-            if complete is not None and complete[0] == items_hash:
-                contents = Contents(set(), None, {}, complete=complete)
-                return cls(out_path, lock_fd, contents, keep_results)
+            if complete is not None and complete[0] != items_hash:
+                complete = None  # another list's
+            if shortcut and complete is not None:
+                return cls(out_path, lock_fd, Contents(complete=complete), keep_results)
             data = _read_log(log_path)
             contents = scan(data, results=keep_results)
+            contents.complete = complete
             if contents.torn_bytes:
                 log.warning("%s: ignoring a torn last record (%d bytes) left by a crash",
                             out_path, contents.torn_bytes)
                 os.truncate(log_path, contents.valid_bytes)
             if contents.records >= _COMPACT_MIN_RECORDS:
                 compact(log_path, contents if keep_results else scan(data, results=True))
+                contents = scan(_read_log(log_path), results=keep_results)
+                contents.complete = complete if contents.records else None
             return cls(out_path, lock_fd, contents, keep_results)
         except BaseException:
             os.close(lock_fd)
@@ -365,9 +236,50 @@ class RunStore:
             for name in names:
                 if failures.pop(name, None) is not None:
                     cleared += 1
+        self.contents.done_keys.update(dict.fromkeys(names, ""))
         if keep:
-            self.contents.results.update(zip(names, results))
+            if self.contents.key_results is None:
+                self.contents.key_results = {}
+            self.contents.key_results.update(zip(names, results))
         return cleared
+
+    def record_span(self, list_hash: str, run: str, ranges: array, keys: Sequence,
+                    results_blob: bytes | None = None) -> int:
+        """Positions ``ranges`` of the list ``list_hash`` (whose keys are ``keys``) are
+        done by run ``run``, with the pickle of their results in order when results
+        are kept. Returns how many of them had a failure recorded, now superseded."""
+        if not len(ranges):
+            return 0
+        blob = results_blob if self.keep_results else None
+        self._append(span_record(list_hash, run, ranges, blob))
+        span = Span(list_hash, ranges, blob, run)
+        self.contents.spans.append(span)
+        failures = self.contents.failures
+        cleared = 0
+        if failures:
+            for i in span.positions():
+                if failures.pop(keys[i], None) is not None:
+                    cleared += 1
+        return cleared
+
+    def record_list(self, list_hash: str, keys: Sequence) -> None:
+        """The keys of the list that spans will refer to (once per list and log)."""
+        if list_hash not in self.contents.lists:
+            self._append(list_record(list_hash, keys))
+            self.contents.lists[list_hash] = None
+            self.contents._keys[list_hash] = keys
+
+    def record_run(self, run: str, fingerprint: dict) -> None:
+        """A run begins: its fingerprint; the records after it are its own."""
+        self._append(run_record(run, fingerprint))
+        self.contents.runs[run] = {"run": run, **fingerprint}
+
+    def record_forget(self, *, keys: Sequence | None = None, failed: bool = False,
+                      everything: bool = False) -> None:
+        """Forget items on purpose: recorded, so a kill halfway loses nothing."""
+        self._append(forget_record(keys=keys, failed=failed, everything=everything))
+        _forget(self.contents, "all" if everything else ("failed" if failed else "keys"),
+                list(keys or ()))
 
     def record_failures(self, failures: Iterable[Failure]) -> None:
         failures = list(failures)
@@ -375,15 +287,15 @@ class RunStore:
             return
         self._append(fail_record(failures))
         for f in failures:
-            self.contents.failures[f.item] = f
+            self.contents.failures[f.key] = f
 
     def record_complete(self, items_hash: str, n_items: int, n_distinct: int) -> None:
         """Every item of the list with ``items_hash`` is done: end the log saying so."""
         self._append(complete_record(items_hash, n_items, n_distinct))
 
-    def record_end(self, status: str, reason: str = "") -> None:
+    def record_end(self, status: str, reason: str = "", run: str = "") -> None:
         """Say how this run ended: "finished", "stopped" or "failed", and why."""
-        self._append(end_record(status, reason))
+        self._append(end_record(status, reason, run))
 
     def write_fingerprint(self, fp: Fingerprint) -> None:
         path = os.path.join(self.dir, "job.json")
@@ -465,6 +377,20 @@ class RunStore:
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
                 os.close(self._lock_fd)
+
+
+def forget_in(out_path: str, *, keys: Sequence | None = None, failed: bool = False,
+              everything: bool = False) -> None:
+    """Forget items of the run directory on purpose (they run again): recorded in
+    its log under its lock, and logged. Refused while a live run holds it."""
+    store = RunStore.open(out_path, keep_results=False, shortcut=False)
+    try:
+        store.record_forget(keys=keys, failed=failed, everything=everything)
+    finally:
+        store.close()
+    what = "every item" if everything else ("every failure" if failed else
+                                            f"{len(keys or ()):,} items")
+    log.warning("nbmplock: %s: forgot %s on request; they run again", out_path, what)
 
 
 def repair(out_path: str) -> Contents:

@@ -10,22 +10,33 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._errors import InvalidArgumentsError
+from ._keys import compute_keys
 from ._options import Options
+from ._plan import ItemList
+from ._text import clip
 
 
 @dataclass(frozen=True)
 class Spec:
     """Everything a run needs: what to do, on which items, where to record it."""
 
-    items: Sequence
+    item_list: ItemList
     process: Callable[..., Any]
     out_path: str
     options: Options
+
+    @property
+    def items(self) -> list:
+        return self.item_list.items
+
+    @property
+    def keys(self) -> Sequence:
+        return self.item_list.keys
 
     @property
     def save_callback(self) -> Callable[[str, list, list], Any] | None:
@@ -40,24 +51,33 @@ class Spec:
         return self.options.init_function
 
 
-def check_items(name: str, items: object) -> Sequence[str]:
-    """A non-empty list (or other sequence) whose every element is a ``str``."""
-    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        hint = ""
-        if hasattr(items, "__next__") or hasattr(items, "__iter__"):
-            hint = "; an iterator or generator cannot be resumed, pass list(...)"
-        raise InvalidArgumentsError(
-            name, "a non-empty list of str", f"got {type(items).__name__}{hint}")
-    if len(items) == 0:
-        raise InvalidArgumentsError(name, "a non-empty list of str", "got an empty list")
-    types = set(map(type, items))
-    if types != {str} and not all(issubclass(t, str) for t in types):
-        for index, item in enumerate(items):
-            if not isinstance(item, str):
-                raise InvalidArgumentsError(
-                    name, "a non-empty list of str",
-                    f"item at index {index} is {type(item).__name__}: {item!r:.80}")
-    return items
+EXPECTED_ITEMS = "a non-empty list (or other iterable) of items"
+
+
+def check_items(name: str, items: object) -> list:
+    """The items as a list of their own: a list or tuple is copied (the run, and
+    forked workers, see it as it was given), any other iterable (a generator,
+    ``df.itertuples()``, ``Path.glob``) is read once, here."""
+    if isinstance(items, (str, bytes, bytearray)) or isinstance(items, Mapping) or not (
+            isinstance(items, Iterable)):
+        hint = ("; pass list(d.values()) or list(d.items())" if isinstance(items, Mapping)
+                else "")
+        raise InvalidArgumentsError(name, EXPECTED_ITEMS,
+                                    f"got {type(items).__name__}{hint}")
+    if isinstance(items, (list, tuple)):
+        out = list(items)
+    else:
+        out = []
+        try:
+            out.extend(items)
+        except Exception as exc:
+            raise InvalidArgumentsError(
+                name, EXPECTED_ITEMS,
+                f"reading it raised {type(exc).__name__}: {clip(str(exc), 200)} after "
+                f"{len(out):,} items") from None
+    if not out:
+        raise InvalidArgumentsError(name, EXPECTED_ITEMS, "got no item")
+    return out
 
 
 def _lazy_kind(fn: object) -> str | None:
@@ -114,13 +134,13 @@ def check_out_path(name: str, out_path: object) -> str:
 
 def make_spec(items: object, process: object, out_path: object, options: Options) -> Spec:
     """Check the job's own arguments; ``options`` comes from ``make_options``."""
-    # A snapshot: the run (and forked workers) must see the list as it was given.
-    items = list(check_items("data_list", items))
+    items = check_items("data_list", items)
     if not callable(process):
         raise InvalidArgumentsError("process", "a callable process(item, shared_data, init_values)",
                                     f"got {type(process).__name__}")
     for name, fn in (("process", process), ("init_function", options.init_function),
                      ("save_callback", options.save_callback)):
         check_not_lazy(name, fn)
-    return Spec(items=items, process=process, out_path=check_out_path("out_path", out_path),
-                options=options)
+    out_path = check_out_path("out_path", out_path)
+    return Spec(ItemList.of(items, compute_keys(items, options.key)), process, out_path,
+                options)

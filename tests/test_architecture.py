@@ -25,11 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 #: Bottom to top; a module may import modules of lower layers only.
 LAYERS = [
     {"_errors", "_text", "_sync", "_notify", "_dispatch", "_retry", "_fingerprint"},
-    {"_optional", "_wire"},
+    {"_optional", "_wire", "_keys"},
     {"_backend", "_log", "_options", "_saver"},
-    {"_store", "_state", "_validate", "_worker"},
-    {"_engine", "_dask_worker"},
-    {"_dask"},
+    {"_state", "_worker", "_done"},
+    {"_plan"},
+    {"_read", "_validate", "_engine", "_dask_worker"},
+    {"_store", "_dask", "_results", "_lifetime"},
     {"_runner"},
     {"_job"},
     {"_progress", "_panel"},
@@ -116,6 +117,7 @@ BAD = {
     "save_callback": 5, "num_procs": 0, "save_batch": 0, "init_function": "init",
     "batch_size": -1, "errors": "ignore", "max_retries": -1, "item_timeout": 0,
     "chunk_size": "4", "start_method": "thread", "backend": 5, "keep_results": "yes",
+    "key": 5, "on_change": "ignore",
 }
 SEED = {"mp_lock": nbmplock.mp_lock, "mp_lock_value": nbmplock.mp_lock_value,
         "mp_lock_batch": nbmplock.mp_lock_batch}

@@ -28,7 +28,7 @@ import dask  # noqa: E402
 
 import nbmplock  # noqa: E402
 from nbmplock import _dask, _dask_worker  # noqa: E402
-from nbmplock._store import read_contents  # noqa: E402
+from nbmplock._read import read_contents  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,7 +14,7 @@ import pytest
 
 import nbmplock
 from nbmplock import WorkerDiedError, mp_lock, mp_lock_value
-from nbmplock._store import read_contents
+from nbmplock._read import read_contents
 
 from .helpers import Saver
 

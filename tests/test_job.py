@@ -9,7 +9,7 @@ import pytest
 
 import nbmplock
 from nbmplock import Job, JobState, JobStateError
-from nbmplock._store import read_contents
+from nbmplock._read import read_contents
 
 from . import helpers
 from .helpers import Saver

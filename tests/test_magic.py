@@ -148,7 +148,7 @@ def test_bad_arguments_give_clear_errors(ip, tmp_path):
     with pytest.raises(InvalidArgumentsError, match=r"Invalid num_procs\. Expected values"):
         ip.run_cell_magic("mplock", f"items --out {out} --procs 0", body)
     with pytest.raises(InvalidArgumentsError, match=r"Invalid data_list"):
-        ip.run_cell_magic("mplock", f"[1,2,3] --out {out}", body)
+        ip.run_cell_magic("mplock", f"[object()] --out {out}", body)
     with pytest.raises(UsageError, match="--out"):
         ip.run_cell_magic("mplock", "items --procs 2", body)
     with pytest.raises(UsageError, match="invalid choice"):

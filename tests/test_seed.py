@@ -10,7 +10,7 @@ import pytest
 import nbmplock
 from nbmplock import (InvalidArgumentsError, is_mp_lock_completed, mp_lock, mp_lock_batch,
                       mp_lock_value, mp_lock_values)
-from nbmplock._store import read_contents
+from nbmplock._read import read_contents
 
 from . import helpers
 from .helpers import Saver
@@ -171,7 +171,7 @@ def test_max_retries_retries_before_failing(tmp_path):
 @pytest.mark.parametrize("call, message", [
     (lambda o: mp_lock("abc", helpers.echo, None, 1, o), "Invalid data_list"),
     (lambda o: mp_lock([], helpers.echo, None, 1, o), "Invalid data_list"),
-    (lambda o: mp_lock(["a", 3], helpers.echo, None, 1, o), "index 1"),
+    (lambda o: mp_lock(["a", object()], helpers.echo, None, 1, o), "index 1"),
     (lambda o: mp_lock(["a"], "echo", None, 1, o), "Invalid process"),
     (lambda o: mp_lock(["a"], helpers.echo, 5, 1, o), "Invalid save_callback"),
     (lambda o: mp_lock(["a"], helpers.echo, None, 0, o), "Invalid num_procs"),
@@ -186,7 +186,7 @@ def test_max_retries_retries_before_failing(tmp_path):
     (lambda o: mp_lock(["a"], helpers.echo, None, 1, o, item_timeout=-1), "Invalid item_timeout"),
     (lambda o: mp_lock(["a"], helpers.echo, None, 1, o, start_method="thread"), "Invalid start_method"),
     (lambda o: mp_lock(["a"], helpers.echo, None, 1, o, colour="red"), "Invalid colour"),
-    (lambda o: mp_lock((i for i in "ab"), helpers.echo, None, 1, o), "generator"),
+    (lambda o: mp_lock((i for i in ""), helpers.echo, None, 1, o), "got no item"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, call, message):
     out = str(tmp_path / "never")

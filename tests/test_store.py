@@ -11,7 +11,8 @@ import pytest
 
 import nbmplock
 from nbmplock import StoreCorruptError, mp_lock, mp_lock_value
-from nbmplock._store import RunStore, read_contents, read_snapshot, repair
+from nbmplock._read import read_contents, read_snapshot
+from nbmplock._store import RunStore, repair
 
 from . import helpers
 
@@ -158,8 +159,8 @@ def test_a_finished_run_ends_the_log_with_complete_and_reruns_read_only_that(tmp
     out = str(tmp_path)
     items = [f"i{n}" for n in range(300)]
     mp_lock(items, helpers.echo, None, 2, out, verbose=False)
-    from nbmplock import _store
-    assert _store.read_complete(out)[1:] == (300, 300)
+    from nbmplock import _read, _store
+    assert _read.read_complete(out)[1:] == (300, 300)
     scans = []
     real_scan = _store.scan
     monkeypatch.setattr(_store, "scan", lambda *a, **k: (scans.append(1), real_scan(*a, **k))[1])

@@ -36,7 +36,7 @@ import psutil
 import pytest
 
 import nbmplock
-from nbmplock._store import read_contents
+from nbmplock._read import read_contents
 
 from .lab import (
     STEP_TIMEOUT,

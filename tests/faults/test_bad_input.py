@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import nbmplock
+import nbmplock._read
 
 from .helpers import FIGURES
 
@@ -85,23 +86,43 @@ class _Gen:
 
 GEN = _Gen()
 
+
+class _Marker:
+    def __init__(self, name, make):
+        self.name, self.make = name, make
+
+    def __repr__(self):
+        return self.name
+
+
+def _broken():
+    yield "a"
+    yield "b"
+    raise OSError("disk gone")
+
+
+EMPTY_GEN = _Marker("empty generator", lambda: (i for i in ()))
+BROKEN_GEN = _Marker("generator raising", _broken)
+
+
+class Opaque:
+    """An object whose only identity is its address."""
+
 # (argument, bad value, APIs it applies to, words the message must contain)
 CASES = [
     ("data_list", 5, APIS, "got int"),
     ("data_list", "abc", APIS, "got str"),
     ("data_list", b"ab", APIS, "got bytes"),
-    ("data_list", [], APIS, "empty"),
-    ("data_list", (), APIS, "empty"),
+    ("data_list", [], APIS, "got no item"),
+    ("data_list", (), APIS, "got no item"),
     ("data_list", None, APIS, "got NoneType"),
-    ("data_list", {"a", "b"}, APIS, "got set"),
-    ("data_list", {"a": 1}, APIS, "got dict"),
-    ("data_list", GEN, APIS, "list("),
-    ("data_list", [1, "a", "b"], APIS, "index 0 is int"),
-    ("data_list", ["a", 2.5, "b"], APIS, "index 1 is float"),
-    ("data_list", ["a", "b", None], APIS, "index 2 is NoneType"),
-    ("data_list", [b"a", "b"], APIS, "index 0 is bytes"),
-    ("data_list", ["a", ["b"], "c"], APIS, "index 1 is list"),
-    ("data_list", ["a"] * 999 + [7], APIS, "index 999 is int"),
+    ("data_list", {"a": 1}, APIS, "list(d.values())"),
+    ("data_list", EMPTY_GEN, APIS, "got no item"),
+    ("data_list", BROKEN_GEN, APIS, "reading it raised OSError: disk gone after 2 items"),
+    ("data_list", ["a", object(), "b"], APIS, "index 1 is a object"),
+    ("data_list", [1, 2, lambda: 3], APIS, "index 2 is a function"),
+    ("data_list", [(1, object())], APIS, "holding a object"),
+    ("data_list", ["a"] * 999 + [Opaque()], APIS, "index 999 is a Opaque"),
     ("process", None, APIS, "got NoneType"),
     ("process", 5, APIS, "got int"),
     ("process", "ok_process", APIS, "got str"),
@@ -152,6 +173,9 @@ CASES = [
     ("start_method", 1, APIS, "got 1"),
     ("backend", 5, APIS, "got int"),
     ("no_such_option", 1, SEED_APIS, "keyword options among"),
+    ("key", 5, APIS, "got int"),
+    ("key", "", APIS, "got str"),
+    ("on_change", "ignore", APIS, "got 'ignore'"),
 ]
 
 
@@ -168,7 +192,7 @@ def test_bad_argument_is_refused_before_anything_is_written(tmp_path, case):
         root = tmp_path / api
         root.mkdir()
         out = root / "parent" / "out"
-        bad = (lambda: (i for i in ["a", "b"]))() if value is GEN else value
+        bad = value.make() if isinstance(value, _Marker) else value
         with pytest.raises(nbmplock.InvalidArgumentsError) as info:
             call(api, out, **{argument: bad})
         error = info.value
@@ -195,7 +219,7 @@ def test_out_path_that_is_a_file(tmp_path, api):
 @pytest.mark.timeout(30)
 def test_is_mp_lock_completed_checks_its_arguments_and_writes_nothing(tmp_path):
     out = tmp_path / "nothing-here"
-    for bad in ([], ["a", 3], "abc", None):
+    for bad in ([], ["a", object()], "abc", None):
         with pytest.raises(nbmplock.InvalidArgumentsError, match="^Invalid data_list"):
             nbmplock.is_mp_lock_completed(bad, str(out))
     for bad in ("", None, 3):
@@ -359,8 +383,46 @@ def test_a_coroutine_or_generator_returned_at_run_time_is_a_failure_not_done(tmp
     summary = call(api, out, data_list=items, process=process, errors="record")
     assert {f.item for f in summary.failures} == {"gen", "coro"}
     assert {f.exc_type for f in summary.failures} == {"TypeError"}
-    done = nbmplock._store.read_contents(str(out)).done
+    done = nbmplock._read.read_contents(str(out)).done
     assert done == {"a", "b", "c"}
     assert not nbmplock.is_mp_lock_completed(items, str(out))
     log = (out / ".nbmplock" / "output.log").read_text()
     assert "never awaited" not in log
+
+
+# -- keys (issue 15) ------------------------------------------------------------
+
+KEY_CASES = [
+    # items, key, words
+    ([{"id": "a"}, {"id": "a", "x": 1}], "id", "the items at index 0"),
+    ([{"id": "a"}, {"id": "b"}], lambda r: r["missing"], "it raised KeyError"),
+    ([{"id": "a"}], lambda r: 7, "it returned a int"),
+    ([{"id": "a"}, {"name": "b"}], "id", "it raised KeyError"),
+    (["a", "b"], lambda s: "same", "the same key 'same'"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("case", KEY_CASES, ids=[c[2] for c in KEY_CASES])
+def test_bad_keys_are_refused_before_anything_is_written(tmp_path, api, case):
+    items, key, words = case
+    out = tmp_path / "parent" / "out"
+    with pytest.raises(nbmplock.InvalidArgumentsError) as info:
+        call(api, out, data_list=items, key=key)
+    assert str(info.value).startswith("Invalid key. Expected values: "), info.value
+    assert words in str(info.value)
+    assert not tmp_path.joinpath("parent").exists()
+    FIGURES.add("bad_inputs_refused")
+
+
+@pytest.mark.timeout(60)
+def test_bad_input_leaves_an_existing_run_directory_untouched(tmp_path):
+    out = tmp_path / "out"
+    nbmplock.mp_lock(["a", "b"], ok_process, None, 1, str(out), verbose=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for bad in (dict(data_list=[object()]), dict(data_list=EMPTY_GEN.make()),
+                dict(data_list=_broken()), dict(data_list=[{"id": 1}], key="id")):
+        with pytest.raises(nbmplock.InvalidArgumentsError):
+            call("mp_lock", out, **bad)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

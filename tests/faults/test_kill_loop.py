@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 import nbmplock
-from nbmplock import _engine, _store
+from nbmplock import _engine, _read, _store
 
 from . import driver
 from .helpers import FIGURES, Driver, Ledger, descendants, own_children, wait_gone
@@ -101,7 +101,7 @@ def run_phase(root: Path, index: int, phase: dict, rng, max_kills: int) -> dict:
                         _kill_all(left)
                     assert not left, f"workers {left} outlived the SIGKILLed driver (run {run})"
                     torn_tails += _check_store_after_kill(out, run)
-                    done_after[run] = set(_store.read_contents(str(out)).done) \
+                    done_after[run] = set(_read.read_contents(str(out)).done) \
                         if out.exists() else set()
                     run += 1
                     continue
@@ -148,7 +148,7 @@ def _kill_all(pids) -> None:
 
 def _check_store_after_kill(out: Path, run: int) -> int:
     """The store opens cleanly and the lock is free; returns 1 if a tail was torn."""
-    if not (out / _store.STATE_DIR).exists():
+    if not (out / _read.STATE_DIR).exists():
         return 0
     snap = nbmplock.read_snapshot(str(out))  # raises StoreCorruptError on mid-log damage
     assert snap.holder_pid is None, f"lock still held by {snap.holder_pid} after kill {run}"
@@ -169,7 +169,7 @@ def _check_phase(out: Path, ledger: Ledger, items: list, phase: dict,
         assert final["results"] == [driver.expected_result(i) for i in items]
     snap = nbmplock.read_snapshot(str(out))
     assert snap.torn_bytes == 0 and snap.holder_pid is None
-    done_final = _store.read_contents(str(out)).done
+    done_final = _read.read_contents(str(out)).done
     lost = item_set - done_final
     unsaved = item_set - set(ledger.all_saved())
     FIGURES.add("items_lost", len(lost | unsaved))
@@ -358,8 +358,8 @@ def test_kill_during_log_compaction(tmp_path, rng):
         assert proc.finish(timeout=120) == 0, proc.stderr()
     finally:
         proc.close()
-    base_log = base_out / _store.STATE_DIR / "log"
-    assert _store.read_contents(str(base_out)).records > _store._COMPACT_MIN_RECORDS
+    base_log = base_out / _read.STATE_DIR / "log"
+    assert _read.read_contents(str(base_out)).records > _store._COMPACT_MIN_RECORDS
     # A longer list: the COMPLETE mark does not match it, so opening scans and compacts.
     second = driver.make_items(len(first) + 3000, "c")
     reps, mid_compaction, compacted = 25, 0, 0
@@ -367,7 +367,7 @@ def test_kill_during_log_compaction(tmp_path, rng):
     for rep in range(reps):
         out = tmp_path / f"rep{rep}"
         shutil.copytree(base_out, out)
-        log = out / _store.STATE_DIR / "log"
+        log = out / _read.STATE_DIR / "log"
         proc = Driver(dict(base, out=str(out), run=1 + rep, n_items=len(second)), ledger_dir)
         try:
             proc.wait_ready()
@@ -384,11 +384,11 @@ def test_kill_during_log_compaction(tmp_path, rng):
         finally:
             proc.close()
         assert wait_gone(own_children(), timeout=3) == []
-        mid_compaction += (out / _store.STATE_DIR / "log.compact").exists()
+        mid_compaction += (out / _read.STATE_DIR / "log.compact").exists()
         compacted += log.stat().st_size != base_log.stat().st_size
         snap = nbmplock.read_snapshot(str(out))
         assert snap.holder_pid is None
-        assert set(first) <= _store.read_contents(str(out)).done, \
+        assert set(first) <= _read.read_contents(str(out)).done, \
             f"a kill during compaction lost done items (rep {rep})"
     # the last copy resumes to completion, running none of the first list again
     last = reps
@@ -398,7 +398,7 @@ def test_kill_during_log_compaction(tmp_path, rng):
         assert proc.finish(timeout=120) == 0, proc.stderr()
     finally:
         proc.close()
-    assert _store.read_contents(str(out)).done >= set(second)
+    assert _read.read_contents(str(out)).done >= set(second)
     led = Ledger(ledger_dir)
     again = {i for r, c in led.processed.items() if r > 0 for i in c if i in set(first)}
     assert not again, f"items done before the compaction ran again: {sorted(again)[:5]}"

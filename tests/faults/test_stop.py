@@ -23,7 +23,7 @@ from collections import Counter
 import pytest
 
 import nbmplock
-from nbmplock import _engine, _store
+from nbmplock import _engine, _read
 
 from . import driver
 from .helpers import FIGURES, Driver, Ledger, descendants, wait_gone
@@ -107,7 +107,7 @@ def test_job_stop_from_another_thread_at_random_instants(tmp_path, rng, mode):
         led = Ledger(ledger)
         assert wait_gone(led.workers[0], timeout=5) == [], "a worker outlived stop()"
         saved = Counter(saver.names)
-        done = _store.read_contents(str(out)).done
+        done = _read.read_contents(str(out)).done
         assert set(saved) == done, (f"rep {rep}: saved {len(saved)} but recorded "
                                     f"{len(done)}: {sorted(set(saved) ^ done)[:5]}")
         assert max(saved.values(), default=1) == 1 and not saver.wrong and not saver.concurrent
@@ -127,7 +127,7 @@ def test_job_stop_from_another_thread_at_random_instants(tmp_path, rng, mode):
         FIGURES.add("runs_ended_cleanly")
         led.load()
         assert Counter(saver.names) == Counter(items), "an item was saved twice or never"
-        assert _store.read_contents(str(out)).done == set(items)
+        assert _read.read_contents(str(out)).done == set(items)
         again = set(led.processed[1]) & done
         assert not again, f"resume ran items recorded done: {sorted(again)[:5]}"
         twice = {i for i, n in led.all_processed().items() if n > 1}
@@ -174,7 +174,7 @@ def test_sigint_stops_a_script_cleanly_and_it_resumes(tmp_path, rng):
         assert wait_gone(pids, timeout=5) == [], "a worker outlived the interrupted script"
         led = Ledger(ledger_dir)
         assert wait_gone(led.workers[run], timeout=5) == []
-        done = set(_store.read_contents(str(out)).done)
+        done = set(_read.read_contents(str(out)).done)
         saved = set(led.saved[run])
         previous = done_after.get(run - 1, set())
         assert max(led.saved[run].values(), default=1) == 1
@@ -271,7 +271,7 @@ def _wait_for_calls(ledger_dir, run: int, n: int, proc, timeout: float = 60) -> 
 
 def _check_done_is_saved_and_resume(ledger_dir, out, cfg, runs: int, items) -> None:
     led = Ledger(ledger_dir)
-    done = set(_store.read_contents(str(out)).done)
+    done = set(_read.read_contents(str(out)).done)
     saved = set().union(*(set(led.saved[r]) for r in range(runs)))
     assert done <= saved, "an item is recorded done that save_callback did not get"
     proc = Driver(dict(cfg, run=runs, save_sleep=0.0, save_hang_after=None), ledger_dir)

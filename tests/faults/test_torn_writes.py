@@ -25,7 +25,7 @@ import pytest
 
 import nbmplock
 from nbmplock import _log as log_format
-from nbmplock import _store
+from nbmplock import _read
 
 from .helpers import FIGURES, REPO
 
@@ -60,7 +60,7 @@ def processed(ledger: Path) -> list[str]:
 
 def records(out: Path) -> list[tuple[int, int, int]]:
     """(start, end, kind) of every record of the log."""
-    data = (out / _store.STATE_DIR / "log").read_bytes()
+    data = (out / _read.STATE_DIR / "log").read_bytes()
     pos, found = 0, []
     while pos < len(data):
         _magic, kind, _flags, length, _crc = log_format._HEADER.unpack_from(data, pos)
@@ -80,8 +80,8 @@ def run(items, out: Path, ledger: Path, **kw):
 def bases(tmp_path_factory):
     """Run directories built by real runs, each ending with a different kind of record.
 
-    ``complete``: a finished run (24 DONE records, the END record saying how the
-    run ended, then the COMPLETE mark);
+    ``complete``: a finished run (its LIST and RUN records, 24 SPAN records,
+    the END record saying how the run ended, then the COMPLETE mark);
     ``done``: the same cut before the END record (a crash just before it);
     ``fail``: a run cut after its last FAIL record (before its END record).
     """
@@ -89,7 +89,8 @@ def bases(tmp_path_factory):
     complete = root / "complete"
     assert run(ITEMS, complete, root / "l1") == expected(ITEMS)
     recs = records(complete)
-    assert [k for _, _, k in recs] == ([log_format._DONE] * len(ITEMS)
+    assert [k for _, _, k in recs] == ([log_format._LIST, log_format._RUN]
+                                       + [log_format._SPAN] * len(ITEMS)
                                        + [log_format._END, log_format._COMPLETE])
     done = _copy(complete, root / "done")
     os.truncate(_log(done), recs[-2][0])
@@ -107,7 +108,7 @@ def _copy(base: Path, dest: Path) -> Path:
 
 
 def _log(out: Path) -> Path:
-    return out / _store.STATE_DIR / "log"
+    return out / _read.STATE_DIR / "log"
 
 
 def _damage(path: Path, offset: int, how: str) -> None:
@@ -155,7 +156,7 @@ def test_torn_complete_mark_every_offset(bases, tmp_path, how):
     for offset in range(start, end):
         out = _copy(base, tmp_path / f"o{offset}")
         _damage(_log(out), offset, how)
-        assert _store.read_complete(str(out)) is None
+        assert _read.read_complete(str(out)) is None
         snap = nbmplock.read_snapshot(str(out))
         torn = (offset - start) if how == "truncate" else (end - start)
         assert (snap.done, snap.torn_bytes) == (len(ITEMS), torn), (offset, snap)
@@ -163,7 +164,7 @@ def test_torn_complete_mark_every_offset(bases, tmp_path, how):
         ledger = tmp_path / f"l{offset}"
         assert run(ITEMS, out, ledger) == expected(ITEMS), offset
         assert processed(ledger) == [], offset
-        assert _store.read_complete(str(out)) is not None
+        assert _read.read_complete(str(out)) is not None
         assert nbmplock.read_snapshot(str(out)).torn_bytes == 0
         shutil.rmtree(out)
         tried += 1
@@ -219,8 +220,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60, env=env, cwd=str(REPO))
 
 
-# (record index, byte within the record): magic, kind, length, crc, payload
+# (item index, byte within its SPAN record): magic, kind, length, crc, payload
 MIDDLE = [(0, 0), (0, 30), (7, 1), (12, 2), (12, 5), (12, 9), (12, 20), (22, 40)]
+FIRST_SPAN = 2  # after the LIST and RUN records
 
 
 @pytest.mark.timeout(120)
@@ -228,8 +230,8 @@ MIDDLE = [(0, 0), (0, 30), (7, 1), (12, 2), (12, 5), (12, 9), (12, 20), (22, 40)
 def test_corrupt_middle_record_is_reported_never_dropped(bases, tmp_path, index, within):
     out = _copy(bases["done"], tmp_path / "out")
     recs = records(out)
-    start, end, _ = recs[index]
-    assert within < end - start
+    start, end, kind = recs[FIRST_SPAN + index]
+    assert kind == log_format._SPAN and within < end - start
     _damage(_log(out), start + within, "flip")
     before = _log(out).read_bytes()
     ledger = tmp_path / "ledger"
@@ -258,11 +260,28 @@ def test_corrupt_middle_record_is_reported_never_dropped(bases, tmp_path, index,
     FIGURES.add("faults_injected")
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("which", ["LIST", "RUN"])
+def test_a_damaged_list_or_run_record_loses_nothing_for_the_same_list(bases, tmp_path, which):
+    """Spans name positions of their list: the same list resumes without its LIST."""
+    out = _copy(bases["done"], tmp_path / "out")
+    start, end, kind = records(out)[0 if which == "LIST" else 1]
+    assert kind == getattr(log_format, f"_{which}")
+    _damage(_log(out), start + 20, "flip")
+    ledger = tmp_path / "ledger"
+    with pytest.raises(nbmplock.StoreCorruptError):
+        run(ITEMS, out, ledger)
+    assert _cli("repair", str(out)).returncode == 0
+    assert run(ITEMS, out, ledger) == expected(ITEMS)
+    assert processed(ledger) == []  # every item was done, and still is
+    FIGURES.add("faults_injected")
+
+
 @pytest.mark.timeout(60)
 def test_corrupt_middle_record_of_a_finished_run(bases, tmp_path):
     """Finished runs are not re-scanned on open, but reading their results finds the damage."""
     out = _copy(bases["complete"], tmp_path / "out")
-    start, end, _ = records(out)[12]
+    start, end, _ = records(out)[FIRST_SPAN + 12]
     _damage(_log(out), start + 20, "flip")
     before = _log(out).read_bytes()
     ledger = tmp_path / "ledger"
@@ -277,9 +296,9 @@ def test_corrupt_middle_record_of_a_finished_run(bases, tmp_path):
 # -- the other files of the run store -------------------------------------------
 
 def _half_done(bases, dest: Path) -> Path:
-    """A copy of the finished run cut cleanly after 12 records: 12 items left to do."""
+    """A copy of the finished run cut cleanly after 12 items: 12 items left to do."""
     out = _copy(bases["done"], dest)
-    os.truncate(_log(out), records(out)[11][1])
+    os.truncate(_log(out), records(out)[FIRST_SPAN + 11][1])
     return out
 
 
@@ -302,13 +321,13 @@ JOB_JSON = {
 @pytest.mark.parametrize("variant", sorted(JOB_JSON))
 def test_damaged_job_json_does_not_break_resume(bases, tmp_path, variant):
     out = _half_done(bases, tmp_path / "out")
-    path = out / _store.STATE_DIR / "job.json"
+    path = out / _read.STATE_DIR / "job.json"
     path.write_bytes(JOB_JSON[variant](path.read_bytes()))
-    (out / _store.STATE_DIR / "job.json.tmp").write_bytes(_garbage(50))  # a crashed replace
+    (out / _read.STATE_DIR / "job.json.tmp").write_bytes(_garbage(50))  # a crashed replace
     ledger = tmp_path / "ledger"
     assert run(ITEMS, out, ledger) == expected(ITEMS)
     assert processed(ledger) == ITEMS[12:]
-    assert _store.read_fingerprint(str(out)) is not None
+    assert _read.read_fingerprint(str(out)) is not None
     FIGURES.add("faults_injected")
 
 
@@ -323,7 +342,7 @@ OUTPUT_LOG = {
 @pytest.mark.parametrize("variant", sorted(OUTPUT_LOG))
 def test_damaged_output_log_does_not_break_resume(bases, tmp_path, variant):
     out = _half_done(bases, tmp_path / "out")
-    path = out / _store.STATE_DIR / "output.log"
+    path = out / _read.STATE_DIR / "output.log"
     OUTPUT_LOG[variant](path)
     ledger = tmp_path / "ledger"
     assert run(ITEMS, out, ledger) == expected(ITEMS)
@@ -348,7 +367,7 @@ LOCK = {
 def test_stale_or_damaged_lock_file_does_not_block(bases, tmp_path, variant):
     """Only a held ``flock`` blocks a run; whatever text the lock file holds does not."""
     out = _half_done(bases, tmp_path / "out")
-    LOCK[variant](out / _store.STATE_DIR / "lock")
+    LOCK[variant](out / _read.STATE_DIR / "lock")
     assert nbmplock.read_snapshot(str(out)).holder_pid is None
     ledger = tmp_path / "ledger"
     assert run(ITEMS, out, ledger) == expected(ITEMS)

@@ -20,7 +20,7 @@ from collections import Counter
 import pytest
 
 import nbmplock
-from nbmplock import _store
+from nbmplock import _read
 
 from . import driver
 from .helpers import FIGURES, Driver, Ledger
@@ -43,7 +43,7 @@ def test_two_writers_at_the_same_instant(tmp_path):
                    chunk_size=4, save_batch=5, work_ms=[2.0, 4.0], barrier=str(barrier))
         runs = (2 * rep, 2 * rep + 1)
         items = driver.make_items(300, tag)
-        done_before = _store.read_contents(str(out)).done if out.exists() else set()
+        done_before = _read.read_contents(str(out)).done if out.exists() else set()
         procs = [Driver(dict(cfg, run=r), ledger_dir) for r in runs]
         try:
             for p in procs:
@@ -72,7 +72,7 @@ def test_two_writers_at_the_same_instant(tmp_path):
         snap = nbmplock.read_snapshot(str(out))
         assert snap.torn_bytes == 0 and snap.holder_pid is None
         led = Ledger(ledger_dir)
-        assert set(items) <= _store.read_contents(str(out)).done
+        assert set(items) <= _read.read_contents(str(out)).done
         # ("" and "  edge spaces  " are in every repetition's list: done in the first)
         assert led.saved[runs[1 - loser_index]] == Counter(set(items) - done_before)
         assert not led.processed.get(runs[loser_index]), "the refused run processed items"
@@ -99,7 +99,7 @@ def test_lock_error_names_the_live_holder_even_before_it_wrote_its_pid(tmp_path)
     out = tmp_path / "out"
     nbmplock.mp_lock(["a"], ident, None, 1, str(out),
                      verbose=False)  # leaves this process's pid in the lock file
-    lock = out / _store.STATE_DIR / "lock"
+    lock = out / _read.STATE_DIR / "lock"
     lock.write_text("999999 gone-host 0\n")  # an earlier holder, long dead
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock)],
                               stdout=subprocess.PIPE)
@@ -119,13 +119,13 @@ def test_lock_error_names_the_live_holder_even_before_it_wrote_its_pid(tmp_path)
 def test_lock_of_a_killed_run_does_not_block(tmp_path):
     """A process holding the flock is SIGKILLed: the kernel drops its lock at once."""
     out = tmp_path / "out"
-    (out / _store.STATE_DIR).mkdir(parents=True)
-    lock = out / _store.STATE_DIR / "lock"
+    (out / _read.STATE_DIR).mkdir(parents=True)
+    lock = out / _read.STATE_DIR / "lock"
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock)],
                               stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().startswith(b"LOCKED")
-        assert _store.lock_holder(str(out)) is not None
+        assert _read.lock_holder(str(out)) is not None
         with pytest.raises(nbmplock.RunLockedError):
             nbmplock.mp_lock(["a"], ident, None, 1,
                              str(out), verbose=False)

@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 import nbmplock
-from nbmplock import _store
+from nbmplock import _read
 
 from .helpers import FIGURES, alive
 
@@ -128,7 +128,7 @@ def processed(shared: dict) -> Counter:
 
 
 def output_log(out: Path) -> str:
-    return (out / _store.STATE_DIR / "output.log").read_bytes().decode("utf-8", "replace")
+    return (out / _read.STATE_DIR / "output.log").read_bytes().decode("utf-8", "replace")
 
 
 def run_value(tmp_path: Path, shared: dict, *, items=ITEMS, workers=2, **kw):
@@ -183,7 +183,7 @@ def test_worker_death_raises_with_errors_raise_then_resume_completes(tmp_path, k
     assert info.value.item == bad and info.value.exitcode == exitcode
     assert words in str(info.value) and repr(bad) in str(info.value)
     out = str(tmp_path / "out")
-    contents = _store.read_contents(out)
+    contents = _read.read_contents(out)
     assert bad not in contents.done and bad in contents.failures
     before = processed(shared)
     assert contents.done <= set(before)
@@ -390,7 +390,7 @@ def test_unpicklable_result_raises_serialization_error(tmp_path):
     shared = setup(tmp_path, {bad: "socket"})
     with pytest.raises(nbmplock.SerializationError, match="cannot be pickled"):
         run_value(tmp_path, shared)
-    assert bad not in _store.read_contents(str(tmp_path / "out")).done
+    assert bad not in _read.read_contents(str(tmp_path / "out")).done
     FIGURES.add("faults_injected")
 
 
@@ -431,7 +431,7 @@ def test_result_too_big_for_capped_memory(tmp_path, errors, kind, headroom):
         with pytest.raises((MemoryError, nbmplock.WorkerDiedError,
                             nbmplock.SerializationError)):
             run_value(tmp_path, shared, init_function=capped_init)
-        assert bad not in _store.read_contents(str(tmp_path / "out")).done
+        assert bad not in _read.read_contents(str(tmp_path / "out")).done
     assert time.monotonic() - started < 90
     FIGURES.add("faults_injected")
 
@@ -460,7 +460,7 @@ def test_megabytes_of_output_all_land_in_output_log(tmp_path):
     job.start()
     assert job.wait(100), "the run did not finish"
     assert job.state is nbmplock.JobState.FINISHED and job.error is None
-    data = (out / _store.STATE_DIR / "output.log").read_bytes()
+    data = (out / _read.STATE_DIR / "output.log").read_bytes()
     assert len(data) > 4_000_000
     lines = data.decode("utf-8", "replace").split("\n")
     assert lines.pop() == ""

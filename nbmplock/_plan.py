@@ -1,0 +1,88 @@
+"""What a run has left to do: which positions of its item list, and how many are done.
+
+The item list is known by its keys (:mod:`nbmplock._keys`) and their hash. The
+log says which positions are done (:func:`nbmplock._log.done_mask`); here
+that becomes the positions to run, in order, each distinct key once, with
+the counts the Job shows. Used by the runner (with the directory locked) and
+by a Job shown before it starts (without the lock).
+"""
+
+from __future__ import annotations
+
+import operator
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import compress
+
+from ._fingerprint import keys_hash
+from ._done import done_mask
+from ._log import Contents
+
+
+@dataclass(frozen=True)
+class ItemList:
+    """A job's items and their keys, as checked once when the job is created."""
+
+    items: Sequence
+    keys: Sequence
+    hash: str
+    #: Positions whose key came earlier in the list (they run once, with the first),
+    #: each mapped to that first position; empty when every key is distinct.
+    repeats: dict
+
+    @classmethod
+    def of(cls, items: Sequence, keys: Sequence) -> ItemList:
+        repeats: dict = {}
+        if len(set(keys)) != len(keys):
+            first: dict = {}
+            for i, k in enumerate(keys):
+                j = first.setdefault(k, i)
+                if j != i:
+                    repeats[i] = j
+        return cls(items, keys, keys_hash(keys), repeats)
+
+    @property
+    def distinct(self) -> int:
+        return len(self.keys) - len(self.repeats)
+
+
+@dataclass(frozen=True)
+class Plan:
+    total: int            # distinct items
+    done_before: int      # of them, recorded done (with a value, when values are needed)
+    failed: int           # of them, recorded failed and not done since
+    pending: Sequence     # positions to run, in order (a range when nothing is done)
+    no_value: int = 0     # done, but without a stored value: they run again for it
+
+
+def make_plan(contents: Contents, items: ItemList, *, mode: str = "all",
+              run: str | None = None, need_values: bool = False) -> Plan:
+    """``run``: only what that fingerprint recorded counts as done (``on_change="rerun"``).
+    ``need_values``: items done without a stored value run again (``mp_lock_value``)."""
+    keys = items.keys
+    if contents.complete is not None and contents.complete[0] == items.hash and not (
+            need_values or run is not None):
+        return Plan(items.distinct, items.distinct, 0, ())
+    mask = done_mask(contents, keys, items.hash, run=run, need_results=need_values)
+    repeats = items.repeats
+    for i in repeats:
+        mask[i] = 2  # runs with its first position: neither pending nor counted
+    done = mask.count(1)
+    no_value = 0
+    if need_values:
+        plain = done_mask(contents, keys, items.hash, run=run)
+        for i in repeats:
+            plain[i] = 0
+        no_value = plain.count(1) - done  # done, but not with a value
+    if not done and not repeats:
+        pending: Sequence = range(len(keys))
+    else:
+        pending = array("q", compress(range(len(keys)), map(operator.not_, mask)))
+    failures = contents.failures
+    failed_keys = set()
+    if failures:
+        failed_keys = {keys[i] for i in pending if keys[i] in failures}
+    if mode == "failed":
+        pending = array("q", (i for i in pending if keys[i] in failed_keys))
+    return Plan(items.distinct, done, len(failed_keys), pending, no_value)
