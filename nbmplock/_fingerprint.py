@@ -205,14 +205,61 @@ def items_hash(items) -> str:
 
 
 def keys_hash(keys) -> str:
-    """The hash of an item list, from its keys. A list of ``str`` keys hashes as
-    :func:`items_hash` always did, so the COMPLETE mark of a run directory
-    written before items could be anything else still matches."""
+    """The hash of an item list, from its keys (see :func:`encode_keys`)."""
+    return encode_keys(keys)[0]
+
+
+_SLICE = 100_000
+
+
+def encode_keys(keys) -> tuple[str, list[bytes]]:
+    """``(hash, payload)`` of an item list's keys; the payload (a list of buffers)
+    is what a LIST record stores, and decodes with :func:`decode_keys`.
+
+    A list of ``str`` keys hashes as :func:`items_hash` always did (so the
+    COMPLETE mark of a run directory written before items could be anything
+    else still matches), from the very bytes the payload holds: each slice's
+    character lengths and its UTF-8 text, made once for both.
+    """
     if set(map(type, keys)) <= {str}:
-        return items_hash(keys)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(str(len(keys)).encode())
+        parts = [b"S", len(keys).to_bytes(8, "little")]
+        for start in range(0, len(keys), _SLICE):
+            part = keys[start:start + _SLICE]
+            lengths = array("Q", map(len, part)).tobytes()
+            text = "".join(part).encode("utf-8", "surrogatepass")
+            h.update(lengths)
+            h.update(text)
+            parts += [len(part).to_bytes(8, "little"), lengths,
+                      len(text).to_bytes(8, "little"), text]
+        return h.hexdigest(), parts
     h = hashlib.blake2b(digest_size=16)
     h.update(b"keys:" + str(len(keys)).encode())
     for k in keys:
         data = k.encode("utf-8", "surrogatepass") if type(k) is str else k
         h.update((b"s" if type(k) is str else b"b") + len(data).to_bytes(8, "little") + data)
-    return h.hexdigest()
+    return h.hexdigest(), [b"P", pickle.dumps(list(keys), protocol=pickle.HIGHEST_PROTOCOL)]
+
+
+def decode_keys(payload) -> list:
+    """The keys a LIST record's payload holds (see :func:`encode_keys`)."""
+    data = memoryview(payload)
+    if bytes(data[:1]) == b"P":
+        return pickle.loads(data[1:])
+    n = int.from_bytes(data[1:9], "little")
+    keys: list = []
+    pos = 9
+    while len(keys) < n:
+        count = int.from_bytes(data[pos:pos + 8], "little")
+        lengths = array("Q")
+        lengths.frombytes(data[pos + 8:pos + 8 + 8 * count])
+        pos += 8 + 8 * count
+        size = int.from_bytes(data[pos:pos + 8], "little")
+        text = bytes(data[pos + 8:pos + 8 + size]).decode("utf-8", "surrogatepass")
+        pos += 8 + size
+        at = 0
+        for length in lengths:
+            keys.append(text[at:at + length])
+            at += length
+    return keys

@@ -130,11 +130,11 @@ def field_getter(name: str) -> Callable[[Any], Any]:
 
 def compute_keys(items: Sequence, key: Callable | str | None) -> list[Key]:
     """The key of every item, in order; raises :class:`InvalidArgumentsError` naming
-    the first item without one, or the first two different items with one key."""
+    the first item without one (two items with one key: :func:`check_same`)."""
     if key is None:
         types = set(map(type, items))
         if types == {str}:
-            keys: list = list(items)  # their own keys: a new list of the same objects
+            keys: list = items  # their own keys (the caller's list, not copied again)
         elif types == {int}:
             keys = _int_keys(items)
         else:
@@ -175,26 +175,20 @@ def compute_keys(items: Sequence, key: Callable | str | None) -> list[Key]:
                     f"it returned a {type(value).__name__} ({short_repr(value, 80)}) for the "
                     f"item at index {index}")
             keys.append(value)
-    _check_collisions(items, keys)
     return keys
 
 
-def _check_collisions(items: Sequence, keys: list) -> None:
-    first: dict = {}
-    if len(set(keys)) == len(keys):
-        return
-    for index, k in enumerate(keys):
-        seen = first.setdefault(k, index)
-        if seen == index:
-            continue
-        a, b = items[seen], items[index]
-        try:
-            same = a is b or bool(a == b)
-        except Exception:  # noqa: BLE001 - cannot compare: they are not the same item
-            same = False
-        if not same:
-            raise InvalidArgumentsError(
-                "key", "a different key for every different item",
-                f"the items at index {seen} ({short_repr(a, 60)}) and {index} "
-                f"({short_repr(b, 60)}) have the same key {short_repr(k, 60)}; one of them "
-                "would be skipped as done")
+def check_same(items: Sequence, keys: Sequence, first: int, index: int) -> None:
+    """Items ``first`` and ``index`` have one key: refuse them unless they are equal
+    (equal items run once; different ones would be skipped as done)."""
+    a, b = items[first], items[index]
+    try:
+        same = a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - cannot compare: they are not the same item
+        same = False
+    if not same:
+        raise InvalidArgumentsError(
+            "key", "a different key for every different item",
+            f"the items at index {first} ({short_repr(a, 60)}) and {index} "
+            f"({short_repr(b, 60)}) have the same key {short_repr(keys[index], 60)}; one "
+            "of them would be skipped as done")

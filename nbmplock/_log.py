@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import FailureKind, StoreCorruptError
+from ._fingerprint import decode_keys
 from ._wire import dumps
 
 log = logging.getLogger("nbmplock")
@@ -162,7 +163,7 @@ class Contents:
         """The keys of a list the log holds (unpickled on first use)."""
         keys = self._keys.get(list_hash)
         if keys is None and list_hash in self.lists:
-            keys = self._keys[list_hash] = pickle.loads(self.lists[list_hash])
+            keys = self._keys[list_hash] = decode_keys(self.lists[list_hash])
         return keys
 
     @property
@@ -249,9 +250,9 @@ def span_record(list_hash: str, run: str, ranges: array,
     return _frame(_SPAN, _HAS_RESULTS, head, data, results_blob)
 
 
-def list_record(list_hash: str, keys: Sequence) -> list[bytes]:
-    return _frame(_LIST, 0, list_hash.encode("ascii"),
-                  pickle.dumps(list(keys), protocol=pickle.HIGHEST_PROTOCOL))
+def list_record(list_hash: str, payload: list[bytes]) -> list[bytes]:
+    """A LIST record: ``payload`` from :func:`nbmplock._fingerprint.encode_keys`."""
+    return _frame(_LIST, 0, list_hash.encode("ascii"), *payload)
 
 
 def run_record(run: str, fingerprint: dict) -> list[bytes]:

@@ -219,6 +219,16 @@ class Panel(widgets.VBox):
             tooltip="Run every item not recorded done (failed ones included)")
         self.retry_button = widgets.Button(description="Retry failed", icon="redo",
                                            tooltip="Run only the items recorded failed")
+        self.start_over_button = widgets.Button(
+            description="Start over", icon="undo",
+            tooltip="Forget every item recorded (done and failed) and run them all again")
+        self.confirm_button = widgets.Button(description="Yes, forget everything",
+                                             button_style="danger")
+        self.cancel_button = widgets.Button(description="Cancel")
+        self.confirm = widgets.HBox(
+            [widgets.HTML(value="Forget every item recorded in this run directory and run "
+                                "them all again?&nbsp;"), self.confirm_button,
+             self.cancel_button], layout=widgets.Layout(display="none"))
         self.message = widgets.HTML(value="")
         self.failures_table = widgets.HTML(value="")
         self.output_tail = widgets.HTML(value="")
@@ -232,9 +242,10 @@ class Panel(widgets.VBox):
         ]:
             widget.add_class(css)
         self.buttons = [self.start_button, self.stop_button, self.force_stop_button,
-                        self.resume_button, self.retry_button]
-        for button, action in zip(self.buttons,
-                                  ["start", "stop", "force_stop", "resume", "retry_failed"]):
+                        self.resume_button, self.retry_button, self.start_over_button]
+        for button, action in zip(self.buttons + [self.confirm_button, self.cancel_button],
+                                  ["start", "stop", "force_stop", "resume", "retry_failed",
+                                   "start_over", "confirm_start_over", "cancel"]):
             button.add_class("nbmplock-button")
             button.on_click(functools.partial(self._on_click, action))
 
@@ -242,7 +253,7 @@ class Panel(widgets.VBox):
             self.title, self.notice,
             widgets.HBox([self.state_badge, self.bar, self.percent]),
             self.counts, self.timing, self.workers,
-            widgets.HBox(self.buttons), self.message,
+            widgets.HBox(self.buttons), self.confirm, self.message,
             self.failures_table, self.output_tail,
         ]
         super().__init__(children=children, **kwargs)
@@ -323,6 +334,7 @@ class Panel(widgets.VBox):
             state in (JobState.STOPPED, JobState.FAILED)
             or (state is JobState.FINISHED and p.remaining > 0))
         self.retry_button.disabled = state.active or p.failed == 0
+        self.start_over_button.disabled = state.active or (p.done == 0 and p.failed == 0)
 
     def _show_job_message(self, p: Progress) -> None:
         """Messages about the run itself; a button's error message stays until the next click."""
@@ -331,9 +343,12 @@ class Panel(widgets.VBox):
             self._set_message(f"The run failed: {type(job.error).__name__}: {job.error}",
                               error=True, from_job=True)
         elif p.state is JobState.RUNNING and job.fingerprint_changes:
+            rerun = job.spec.options.on_change == "rerun"
             self._set_message("Resumed, but " + "; ".join(job.fingerprint_changes)
-                              + " since the last run; items recorded done are not run again.",
-                              from_job=True)
+                              + " since the last run; " + (
+                                  "items done by the old work run again." if rerun else
+                                  "items recorded done are not run again (on_change='rerun' "
+                                  "runs them again)."), from_job=True)
         elif p.state is JobState.RUNNING and self._message_from_job:
             self._set_message("")
         if not p.state.active and self._notice_text:
@@ -365,8 +380,16 @@ class Panel(widgets.VBox):
                 job.stop(force=True)
             elif action == "resume":
                 job.resume()
-            else:
+            elif action == "retry_failed":
                 job.retry_failed()
+            elif action == "start_over":  # asks first: it forgets every recorded item
+                self.confirm.layout.display = "flex"
+            elif action == "cancel":
+                self.confirm.layout.display = "none"
+            elif action == "confirm_start_over":
+                self.confirm.layout.display = "none"
+                job.forget(all=True)
+                job.resume()
         except Exception as exc:  # noqa: BLE001 - shown in the panel, not lost in a callback
             error = exc
         self.refresh()

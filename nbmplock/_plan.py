@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import compress
 
-from ._fingerprint import keys_hash
+from ._fingerprint import encode_keys
+from ._keys import check_same
 from ._done import done_mask
 from ._log import Contents
 
 
-@dataclass(frozen=True)
+@dataclass
 class ItemList:
     """A job's items and their keys, as checked once when the job is created."""
 
@@ -30,17 +31,23 @@ class ItemList:
     #: Positions whose key came earlier in the list (they run once, with the first),
     #: each mapped to that first position; empty when every key is distinct.
     repeats: dict
+    #: The keys' encoding for the log's LIST record (made with the hash; dropped
+    #: once written).
+    payload: list | None = None
 
     @classmethod
     def of(cls, items: Sequence, keys: Sequence) -> ItemList:
+        """Refuses two different items with one key (:class:`InvalidArgumentsError`)."""
         repeats: dict = {}
         if len(set(keys)) != len(keys):
             first: dict = {}
             for i, k in enumerate(keys):
                 j = first.setdefault(k, i)
                 if j != i:
+                    check_same(items, keys, j, i)
                     repeats[i] = j
-        return cls(items, keys, keys_hash(keys), repeats)
+        list_hash, payload = encode_keys(keys)
+        return cls(items, keys, list_hash, repeats, payload)
 
     @property
     def distinct(self) -> int:

@@ -15,7 +15,7 @@ import time
 from tqdm.auto import tqdm
 
 from ._job import Job
-from ._state import Event
+from ._state import Event, EventKind
 
 
 #: Lines of worker output written to the terminal per second, at most; the rest
@@ -43,6 +43,7 @@ class TqdmObserver:
         # lock keeps them from drawing the bar at once.
         self._lock = threading.Lock()
         self._closed = False
+        self._told = False
         self._unsubscribe = job.subscribe(self._on_event)
 
     def _set_failed(self, failed: int) -> None:
@@ -73,6 +74,11 @@ class TqdmObserver:
             if self._closed:
                 return
             p = event.progress
+            if not self._told and event.kind == EventKind.STATE and p.state.active:
+                self._told = True  # once, above the bar: what changed since the last run
+                for change in self._job.fingerprint_changes:
+                    self._bar.write(f"nbmplock: resuming, but {change} since the last run",
+                                    file=self._file or sys.stdout)
             if self._show_output and (event.output or self._hidden):
                 self._write_output(event.output)
             self._show(p)

@@ -49,9 +49,13 @@ def read_fingerprint(out_path: str) -> Fingerprint | None:
     try:
         with open(os.path.join(state_dir(out_path), "job.json"), encoding="utf-8") as f:
             data = json.load(f)
-        return Fingerprint(data["function"], data["function_hash"],
-                           data["n_items"], data["items_hash"], data.get("n_distinct"))
-    except (OSError, ValueError, KeyError, TypeError):
+        fp = Fingerprint.from_json(data)
+        if not all(isinstance(getattr(fp, k), t) for k, t in (
+                ("function", str), ("function_hash", str), ("n_items", int),
+                ("items_hash", str))):
+            return None
+        return fp
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -28,7 +28,7 @@ from ._dispatch import ChunkSizer, WorkQueue
 from ._errors import (FailureKind, ItemTimeoutError, RemoteTraceback, RunDirectoryLostError,
                       RunLockedError, SerializationError, WorkChangedError, WorkerDiedError,
                       WorkerInitError, add_note)
-from ._fingerprint import Fingerprint, work_fingerprint
+from ._fingerprint import Fingerprint, encode_keys, work_fingerprint
 from ._log import ranges_of
 from ._plan import make_plan
 from ._retry import RetryPolicy
@@ -216,7 +216,10 @@ class Runner:
         try:
             if self.to_do > 0 and not self._stop_request:
                 items = self.spec.item_list
-                self.store.record_list(items.hash, items.keys)
+                if items.hash not in self.store.contents.lists:
+                    self.store.record_list(items.hash, items.keys,
+                                           items.payload or encode_keys(items.keys)[1])
+                items.payload = None  # the log holds it from now on
                 self.store.record_run(self.fingerprint.run, self.fingerprint.work())
                 self._loop()
         except BaseException as exc:  # noqa: BLE001 - becomes the outcome

@@ -262,10 +262,11 @@ class RunStore:
                     cleared += 1
         return cleared
 
-    def record_list(self, list_hash: str, keys: Sequence) -> None:
-        """The keys of the list that spans will refer to (once per list and log)."""
+    def record_list(self, list_hash: str, keys: Sequence, payload: list[bytes]) -> None:
+        """The keys of the list that spans will refer to (once per list and log);
+        ``payload`` is their encoding (:func:`nbmplock._fingerprint.encode_keys`)."""
         if list_hash not in self.contents.lists:
-            self._append(list_record(list_hash, keys))
+            self._append(list_record(list_hash, payload))
             self.contents.lists[list_hash] = None
             self.contents._keys[list_hash] = keys
 

@@ -24,9 +24,21 @@ def children() -> list:
     return alive
 
 
+#: One per interpreter, started by multiprocess for spawn/forkserver: not a worker.
+INFRASTRUCTURE = ("resource_tracker", "forkserver")
+
+
+def _infrastructure(proc) -> bool:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return any(word in cmd for word in INFRASTRUCTURE)
+
+
 def alive_children() -> list:
-    """Child processes started since the current test began."""
-    return [p for p in children() if p.pid not in BEFORE_TEST]
+    """Child processes started since the current test began (not multiprocess's helpers)."""
+    return [p for p in children() if p.pid not in BEFORE_TEST and not _infrastructure(p)]
 
 
 def length(item, shared_data, init_values):

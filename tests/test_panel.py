@@ -26,6 +26,10 @@ WAIT = 120  # seconds; a safety net against a hang, never a measurement
 
 
 # -- process functions (module level) ------------------------------------------
+def fast(item, shared_data, init_values):
+    return item
+
+
 def sleepy(item, shared_data, init_values):
     """1 ms per item; fails items ending in "7" while the file shared_data["fail_flag"] exists."""
     time.sleep(0.001)
@@ -80,7 +84,9 @@ class Reached:
 
 
 def enabled(panel: Panel) -> dict:
-    return {button.description: not button.disabled for button in panel.buttons}
+    """The run's buttons (Start over, which asks first, is tested on its own)."""
+    return {button.description: not button.disabled for button in panel.buttons
+            if button is not panel.start_over_button}
 
 
 @pytest.fixture
@@ -523,3 +529,21 @@ def test_resuming_with_a_changed_function_says_so(make, tmp_path):
     assert "the process function changed" in panel.message.value
     assert panel.counts.value == ("done 50 / 50 · earlier runs 50 · this run 0 · failed 0"
                                   " · in flight 0")
+
+
+def test_start_over_asks_first_then_forgets_everything_and_runs_again(make):
+    job = make(30, process=fast)
+    job.start()
+    assert job.wait(WAIT) and job.progress.done == 30
+    panel = job.panel
+    assert not panel.start_over_button.disabled
+    panel.start_over_button.click()
+    assert panel.confirm.layout.display == "flex" and job.progress.done == 30
+    panel.cancel_button.click()
+    assert panel.confirm.layout.display == "none" and job.progress.done == 30
+    panel.start_over_button.click()
+    panel.confirm_button.click()
+    assert job.wait(WAIT)
+    assert job.state is JobState.FINISHED
+    p = job.progress
+    assert (p.done, p.done_before, p.done_now) == (30, 0, 30)

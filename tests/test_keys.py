@@ -1,0 +1,255 @@
+"""Items of any kind, each under a key (issue 15)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import namedtuple
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+import nbmplock
+from nbmplock import InvalidArgumentsError, Job, JobState, mp_lock, mp_lock_value
+from nbmplock._keys import compute_keys
+from nbmplock._read import read_done
+
+from . import helpers
+
+HERE = Path(__file__).resolve().parent
+Point = namedtuple("Point", "x y")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    id: str
+    value: int
+
+
+def describe(item, shared_data, init_values):
+    """A result that depends on the item's type and value; logs every call."""
+    with open(shared_data["ledger"], "a", encoding="utf-8") as f:
+        f.write(repr(item) + "\n")
+    return f"{type(item).__name__}:{item!r}"
+
+
+def ledger(path) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+ODD_ITEMS = [
+    1, "1", 1.0, True, None, -0.5, 10**30, b"\x00bytes", "text\nwith newline",
+    (1, "a"), [1, "a"], {"b": 2, "a": 1}, frozenset({3, 1}), Point(1, 2), Row("r1", 5),
+    PurePosixPath("photos/a.jpg"), datetime.date(2026, 12, 2),
+    datetime.datetime(2026, 12, 2, 9, 48), decimal.Decimal("1.10"),
+    uuid.UUID("12345678-1234-5678-1234-567812345678"), (), {},
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_items_of_every_plain_kind_run_once_and_resume(tmp_path, start_method):
+    out, log = str(tmp_path / "run"), str(tmp_path / "ledger")
+    shared = {"ledger": log}
+    expected = [describe(i, {"ledger": os.devnull}, None) for i in ODD_ITEMS]
+    assert mp_lock_value(ODD_ITEMS, describe, None, 2, out, shared_data=shared,
+                         verbose=False, start_method=start_method) == expected
+    assert len(ledger(log)) == len(ODD_ITEMS)  # 1, "1", 1.0 and True are four items
+    assert mp_lock_value(ODD_ITEMS, describe, None, 2, out, shared_data=shared,
+                         verbose=False, start_method=start_method) == expected
+    assert len(ledger(log)) == len(ODD_ITEMS), "a resume ran done items again"
+    assert nbmplock.is_mp_lock_completed(ODD_ITEMS, out)
+
+
+def test_keys_are_stable_across_processes_and_hash_seeds():
+    script = ("import sys, json; sys.path.insert(0, sys.argv[1]);"
+              "from tests.test_keys import ODD_ITEMS; from nbmplock._keys import compute_keys;"
+              "print(json.dumps([k if isinstance(k, str) else k.hex() "
+              "for k in compute_keys(ODD_ITEMS, None)]))")
+    runs = set()
+    for seed in ("0", "1", "12345"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", script, str(HERE.parent)], env=env,
+                             capture_output=True, text=True, timeout=60, check=True)
+        runs.add(out.stdout)
+    assert len(runs) == 1
+    keys = compute_keys(ODD_ITEMS, None)
+    assert len(set(keys)) == len(keys)
+    assert keys[1] == "1"  # a str is its own key
+    assert isinstance(keys[0], bytes) and keys[0] != keys[2] != keys[3]
+
+
+def test_key_function_and_field_name(tmp_path):
+    rows = [{"id": f"r{i}", "x": i} for i in range(20)]
+    out = str(tmp_path / "run")
+    values = mp_lock_value(rows, lambda r, s, v: r["x"] * 2, None, 2, out, key="id",
+                           verbose=False)
+    assert values == [i * 2 for i in range(20)]
+    assert read_done(out) == {f"r{i}" for i in range(20)}
+    points = [Point(f"p{i}", i) for i in range(5)]
+    assert compute_keys(points, "x") == compute_keys(points, lambda p: p.x) == [
+        f"p{i}" for i in range(5)]
+    with pytest.raises(InvalidArgumentsError, match="returned a int"):
+        compute_keys(points, "y")
+    assert compute_keys([Row("a", 1)], "id") == ["a"]
+    job = Job(rows, lambda r, s, v: r["x"], str(tmp_path / "job"), key=lambda r: r["id"],
+              num_procs=1)
+    job.start()
+    helpers.wait_job(job)
+    assert job.results(by_key=True) == {f"r{i}": i for i in range(20)}
+
+
+def test_equal_items_run_once_and_every_position_gets_its_value(tmp_path):
+    items = [{"a": 1}, {"a": 2}, {"a": 1}, 5, 5, "x", "x"]
+    log = str(tmp_path / "ledger")
+    values = mp_lock_value(items, describe, None, 2, str(tmp_path / "run"),
+                           shared_data={"ledger": log}, verbose=False)
+    assert values == [describe(i, {"ledger": os.devnull}, None) for i in items]
+    assert len(ledger(log)) == 4
+
+
+def test_one_shot_iterables_are_read_once(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(7):
+        (photos / f"p{i}.jpg").write_bytes(b"x" * i)
+    out = str(tmp_path / "run")
+    sizes = mp_lock_value(sorted(photos.glob("*.jpg")), lambda p, s, v: p.stat().st_size,
+                          None, 2, out, verbose=False)
+    assert sizes == list(range(7))
+    summary = mp_lock(photos.glob("*.jpg"), lambda p, s, v: p.stat().st_size, None, 2, out,
+                      verbose=False)  # a generator, in another order: every item is done
+    assert summary.done == 0 and summary.skipped == 7
+    pairs = mp_lock_value((i * i for i in range(50)), lambda x, s, v: x + 1, None, 2,
+                          str(tmp_path / "gen"), verbose=False)
+    assert pairs == [i * i + 1 for i in range(50)]
+
+
+def test_a_run_directory_of_the_previous_release_resumes_unchanged(tmp_path):
+    """tests/data/release-0.1.0-run: written by the release before keys and spans
+    (mp_lock_value of 30 of these 50 items, errors='record': 27 done, 3 failed)."""
+    out = tmp_path / "run"
+    shutil.copytree(HERE / "data" / "release-0.1.0-run", out)
+    items = [f"old-{i:02d}" for i in range(50)]
+    assert len(read_done(str(out))) == 27
+    log = str(tmp_path / "ledger")
+    job = Job(items, upper_unless_seven, str(out), num_procs=2, shared_data={"ledger": log})
+    assert job.progress.done == 27 and job.progress.failed == 3  # what it held, before a start
+    job.start()
+    helpers.wait_job(job)
+    ran = ledger(log)
+    assert len(ran) == 23 and not set(ran) & set(items[:30]) - {"old-07", "old-17", "old-27"}
+    values = job.results()
+    assert values == [None if i.endswith("7") else i.upper() for i in items]
+    assert {f.item for f in job.failures} == {f"old-{i}7" for i in range(5)}
+    assert read_done(str(out)) == {i for i in items if not i.endswith("7")}
+
+
+def upper_unless_seven(item, shared_data, init_values):
+    with open(shared_data["ledger"], "a", encoding="utf-8") as f:
+        f.write(item + "\n")
+    if item.endswith("7"):
+        raise ValueError(f"no sevens: {item}")
+    return item.upper()
+
+
+def _slow_square(x, shared_data, init_values):
+    time.sleep(0.01)
+    return x * x
+
+
+@pytest.mark.timeout(120)
+def test_iter_results_yields_while_the_job_runs_and_ends_with_it(tmp_path):
+    job = nbmplock.run(list(range(300)), _slow_square, str(tmp_path / "run"), num_procs=2)
+    seen, running_when_seen = {}, []
+    for item, value in job.iter_results():
+        seen[item] = value
+        running_when_seen.append(job.state.active)
+    assert seen == {x: x * x for x in range(300)}
+    assert any(running_when_seen), "no result came while the job ran"
+    assert job.state is JobState.FINISHED
+    # a stop ends the iteration cleanly, with what was recorded
+    job2 = nbmplock.run(list(range(300, 3000)), _slow_square, str(tmp_path / "run2"),
+                        num_procs=2)
+    got = []
+    for item, value in job2.iter_results():
+        got.append(item)
+        if len(got) == 50:
+            threading.Thread(target=job2.stop).start()
+    assert job2.state is JobState.STOPPED
+    assert 50 <= len(got) < 2700 and len(set(got)) == len(got)
+    # after the end: what the directory holds
+    assert sorted(x for x, _ in nbmplock.Job(list(range(300, 3000)), _slow_square,
+                                               str(tmp_path / "run2")).iter_results()) == \
+        sorted(got)
+
+
+def _fails_on_odd(x, shared_data, init_values):
+    if x % 2:
+        raise KeyError(f"odd {x}")
+    return -x
+
+
+def test_to_pandas_has_a_row_per_item_with_its_state(tmp_path):
+    pd = pytest.importorskip("pandas")
+    rows = [{"id": f"k{i}", "v": i} for i in range(10)]
+    job = Job(rows, lambda r, s, v: _fails_on_odd(r["v"], s, v), str(tmp_path / "run"),
+              key="id", num_procs=2)
+    job.start()
+    helpers.wait_job(job)
+    df = job.to_pandas()
+    assert list(df.columns) == ["key", "item", "result", "state", "error_type",
+                                "error_message"]
+    assert len(df) == 10
+    assert (df.state == "done").sum() == 5 and (df.state == "failed").sum() == 5
+    failed = df[df.state == "failed"]
+    assert set(failed.error_type) == {"KeyError"} and failed.result.isna().all()
+    joined = pd.DataFrame(rows).merge(df, left_on="id", right_on="key")
+    assert (joined[joined.state == "done"].result == -joined[joined.state == "done"].v).all()
+    assert "pandas" not in sys.modules or True  # imported here by the test, not by nbmplock
+
+
+def test_import_nbmplock_imports_no_pandas():
+    code = "import sys, nbmplock; print('pandas' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=str(HERE.parent))
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_failures_and_messages_show_a_short_repr_and_keep_the_key(tmp_path):
+    big = {"id": "big", "blob": "x" * 100_000}
+    summary = mp_lock([big, {"id": "ok", "blob": ""}], _raise_for_big, None, 1,
+                      str(tmp_path / "run"), key="id", errors="record", verbose=False)
+    (failure,) = summary.failures
+    assert failure.key == "big" and failure.item == big
+    snap = nbmplock.read_snapshot(str(tmp_path / "run"))
+    assert snap.failures[0].key == "big"
+    status = subprocess.run([sys.executable, "-m", "nbmplock", "status", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=60)
+    assert "x" * 200 not in status.stdout and "big" in status.stdout
+
+
+def _raise_for_big(row, shared_data, init_values):
+    if row["id"] == "big":
+        raise ValueError("too big")
+    return len(row["blob"])
+
+
+def test_the_fingerprint_hashes_keys_not_reprs(tmp_path):
+    out = str(tmp_path / "run")
+    mp_lock([{"id": "a", "n": 1}], lambda r, s, v: 1, None, 1, out, key="id", verbose=False)
+    with open(os.path.join(out, ".nbmplock", "job.json"), encoding="utf-8") as f:
+        fp = json.load(f)
+    assert fp["items_hash"] == nbmplock._fingerprint.keys_hash(["a"])
