@@ -9,7 +9,6 @@ rewrites a log as its net state.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Sequence
 from itertools import compress
 
@@ -36,7 +35,7 @@ def done_mask(c: Contents, keys: Sequence, list_hash: str, *,
             others[k] = True
     for span in c.spans:
         if not span.undo and ((run is not None and span.run != run)
-                              or (need_results and span.blob is None)):
+                              or (need_results and not span.has_values)):
             continue
         r = span.ranges
         if span.list_hash == list_hash:
@@ -70,9 +69,9 @@ def results_for(c: Contents, keys: Sequence, list_hash: str) -> list:
                 for j in range(0, len(r), 2):
                     out[r[j]:r[j + 1]] = [_MISSING] * (r[j + 1] - r[j])
                 continue
-            if span.blob is None:
+            if not span.has_values:
                 continue
-            values = pickle.loads(span.blob)
+            values = span.values()
             at = 0
             for j in range(0, len(r), 2):
                 a, b = r[j], r[j + 1]
@@ -80,13 +79,13 @@ def results_for(c: Contents, keys: Sequence, list_hash: str) -> list:
                 at += b - a
             continue
         list_keys = c.keys_of(span.list_hash)
-        if list_keys is None or (span.blob is None and not span.undo):
+        if list_keys is None or (not span.has_values and not span.undo):
             continue
         if span.undo:
             for i in span.positions():
                 by_key.pop(list_keys[i], None)
             continue
-        by_key.update(zip((list_keys[i] for i in span.positions()), pickle.loads(span.blob)))
+        by_key.update(zip((list_keys[i] for i in span.positions()), span.values()))
     if by_key:
         for i in compress(range(n), (v is _MISSING for v in out)):
             value = by_key.get(keys[i], _MISSING)
@@ -142,7 +141,7 @@ def _net_spans(c: Contents, list_hash: str):
     values: list = [_MISSING] * n
     for span in spans:
         r = span.ranges
-        got = pickle.loads(span.blob) if span.blob is not None else None
+        got = span.values() if span.has_values else None
         at = 0
         for j in range(0, len(r), 2):
             a, b = r[j], r[j + 1]

@@ -212,27 +212,32 @@ def keys_hash(keys) -> str:
 _SLICE = 100_000
 
 
-def encode_keys(keys) -> tuple[str, list[bytes]]:
+def encode_keys(keys, all_str: bool = False) -> tuple[str, list[bytes]]:
     """``(hash, payload)`` of an item list's keys; the payload (a list of buffers)
     is what a LIST record stores, and decodes with :func:`decode_keys`.
 
     A list of ``str`` keys hashes as :func:`items_hash` always did (so the
     COMPLETE mark of a run directory written before items could be anything
     else still matches), from the very bytes the payload holds: each slice's
-    character lengths and its UTF-8 text, made once for both.
+    character lengths and its UTF-8 text, made once for both. A list of
+    ``bytes`` keys is encoded the same way (byte lengths and the joined bytes),
+    under a hash of its own. ``all_str``: the caller knows every key is a ``str``.
     """
-    if set(map(type, keys)) <= {str}:
+    types = {str} if all_str else set(map(type, keys))
+    if types <= {str} or types == {bytes}:
+        text_keys = types <= {str}
         h = hashlib.blake2b(digest_size=16)
-        h.update(str(len(keys)).encode())
-        parts = [b"S", len(keys).to_bytes(8, "little")]
+        h.update(str(len(keys)).encode() if text_keys else b"bytes:%d" % len(keys))
+        parts = [b"S" if text_keys else b"B", len(keys).to_bytes(8, "little")]
         for start in range(0, len(keys), _SLICE):
             part = keys[start:start + _SLICE]
             lengths = array("Q", map(len, part)).tobytes()
-            text = "".join(part).encode("utf-8", "surrogatepass")
+            data = ("".join(part).encode("utf-8", "surrogatepass") if text_keys
+                    else b"".join(part))
             h.update(lengths)
-            h.update(text)
+            h.update(data)
             parts += [len(part).to_bytes(8, "little"), lengths,
-                      len(text).to_bytes(8, "little"), text]
+                      len(data).to_bytes(8, "little"), data]
         return h.hexdigest(), parts
     h = hashlib.blake2b(digest_size=16)
     h.update(b"keys:" + str(len(keys)).encode())
@@ -247,6 +252,7 @@ def decode_keys(payload) -> list:
     data = memoryview(payload)
     if bytes(data[:1]) == b"P":
         return pickle.loads(data[1:])
+    text_keys = bytes(data[:1]) == b"S"
     n = int.from_bytes(data[1:9], "little")
     keys: list = []
     pos = 9
@@ -256,7 +262,9 @@ def decode_keys(payload) -> list:
         lengths.frombytes(data[pos + 8:pos + 8 + 8 * count])
         pos += 8 + 8 * count
         size = int.from_bytes(data[pos:pos + 8], "little")
-        text = bytes(data[pos + 8:pos + 8 + size]).decode("utf-8", "surrogatepass")
+        text = bytes(data[pos + 8:pos + 8 + size])
+        if text_keys:
+            text = text.decode("utf-8", "surrogatepass")
         pos += 8 + size
         at = 0
         for length in lengths:

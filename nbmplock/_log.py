@@ -131,6 +131,17 @@ class Span:
     blob: Any = None  # the pickled list of their results, in order (a memoryview)
     run: str = ""     # the id of the run (fingerprint) that recorded them
     undo: bool = False
+    #: The results themselves, when the run that recorded them had them at hand
+    #: (then ``blob`` is not kept in memory: it is on disk).
+    kept: list | None = None
+
+    @property
+    def has_values(self) -> bool:
+        return self.kept is not None or self.blob is not None
+
+    def values(self) -> list:
+        """Their results, in order (requires :attr:`has_values`)."""
+        return self.kept if self.kept is not None else pickle.loads(self.blob)
 
     def positions(self):
         r = self.ranges
@@ -203,8 +214,8 @@ class Contents:
             if span.undo:
                 for i in span.positions():
                     out.pop(keys[i], None)
-            elif span.blob is not None:
-                out.update(zip((keys[i] for i in span.positions()), pickle.loads(span.blob)))
+            elif span.has_values:
+                out.update(zip((keys[i] for i in span.positions()), span.values()))
         return out
 
     def live_failures(self, done: set | None = None) -> dict:

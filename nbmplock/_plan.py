@@ -21,33 +21,54 @@ from ._done import done_mask
 from ._log import Contents
 
 
-@dataclass
 class ItemList:
-    """A job's items and their keys, as checked once when the job is created."""
+    """A job's items and their keys, as checked once when the job is created.
 
-    items: Sequence
-    keys: Sequence
-    hash: str
-    #: Positions whose key came earlier in the list (they run once, with the first),
-    #: each mapped to that first position; empty when every key is distinct.
-    repeats: dict
-    #: The keys' encoding for the log's LIST record (made with the hash; dropped
-    #: once written).
-    payload: list | None = None
+    ``hash`` identifies the list; ``payload`` is the keys' encoding for the
+    log's LIST record (made with the hash; dropped once written).
+    """
+
+    __slots__ = ("items", "keys", "hash", "payload", "_repeats")
+
+    def __init__(self, items: Sequence, keys: Sequence, hash: str, repeats: dict | None,
+                 payload: list | None = None):
+        self.items, self.keys, self.hash, self.payload = items, keys, hash, payload
+        self._repeats = repeats
 
     @classmethod
     def of(cls, items: Sequence, keys: Sequence) -> ItemList:
-        """Refuses two different items with one key (:class:`InvalidArgumentsError`)."""
+        """Refuses two different items with one key (:class:`InvalidArgumentsError`).
+
+        When the items are their own keys (``str`` items without ``key=``), two
+        items with one key are equal, so there is nothing to refuse: the repeats
+        are found only when asked for (a resume of a finished run never asks).
+        """
+        own = keys is items  # compute_keys gives the list itself only when all are str
+        list_hash, payload = encode_keys(keys, all_str=own)
+        made = cls(items, keys, list_hash, None, payload)
+        if not own:
+            made._find_repeats()
+        return made
+
+    def _find_repeats(self) -> dict:
         repeats: dict = {}
+        keys = self.keys
         if len(set(keys)) != len(keys):
             first: dict = {}
             for i, k in enumerate(keys):
                 j = first.setdefault(k, i)
                 if j != i:
-                    check_same(items, keys, j, i)
+                    check_same(self.items, keys, j, i)
                     repeats[i] = j
-        list_hash, payload = encode_keys(keys)
-        return cls(items, keys, list_hash, repeats, payload)
+        self._repeats = repeats
+        return repeats
+
+    @property
+    def repeats(self) -> dict:
+        """Positions whose key came earlier in the list (they run once, with the
+        first), each mapped to that first position; empty when keys are distinct."""
+        repeats = self._repeats
+        return self._find_repeats() if repeats is None else repeats
 
     @property
     def distinct(self) -> int:
@@ -70,7 +91,8 @@ def make_plan(contents: Contents, items: ItemList, *, mode: str = "all",
     keys = items.keys
     if contents.complete is not None and contents.complete[0] == items.hash and not (
             need_values or run is not None):
-        return Plan(items.distinct, items.distinct, 0, ())
+        distinct = contents.complete[2]  # as recorded: the repeats need not be found
+        return Plan(distinct, distinct, 0, ())
     mask = done_mask(contents, keys, items.hash, run=run, need_results=need_values)
     repeats = items.repeats
     for i in repeats:

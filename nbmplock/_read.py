@@ -145,7 +145,7 @@ def stored_state(out_path: str, items: ItemList) -> tuple[int, int, tuple[Failur
     what a Job shows before it starts (after a kernel restart, say)."""
     complete = read_complete(out_path)
     if complete is not None and complete[0] == items.hash:
-        return items.distinct, items.distinct, ()
+        return complete[2], complete[2], ()
     if not os.path.isdir(state_dir(out_path)):
         return items.distinct, 0, ()
     contents = read_contents(out_path)

@@ -7,7 +7,6 @@ pickles workers sent, one per chunk: reading them unpickles each once.
 from __future__ import annotations
 
 import logging
-import pickle
 import queue
 from collections.abc import Iterator
 from typing import Any
@@ -83,9 +82,9 @@ def iter_results(job: Any) -> Iterator[tuple[Any, Any]]:
                 contents, seen = current, 0
             fresh, seen = contents.spans[seen:], len(contents.spans)
             for span in fresh:
-                if span.undo or span.blob is None or span.list_hash != items.hash:
+                if span.undo or not span.has_values or span.list_hash != items.hash:
                     continue
-                for position, value in zip(span.positions(), pickle.loads(span.blob)):
+                for position, value in zip(span.positions(), span.values()):
                     if position not in given:
                         given.add(position)
                         yield items.items[position], value

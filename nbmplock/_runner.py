@@ -135,9 +135,14 @@ class Runner:
                 "restart the kernel if it hangs."))
         items = spec.item_list
         previous = read_fingerprint(spec.out_path)
+        if (previous is not None and previous.items_hash == items.hash
+                and previous.n_distinct is not None):
+            n_distinct = previous.n_distinct  # the same list: no need to find its repeats
+        else:
+            n_distinct = items.distinct
         fp = work_fingerprint(spec.process, spec.init_function, spec.shared_data,
                               self.opts.batch_size, n_items=len(items.keys),
-                              items_hash=items.hash, n_distinct=items.distinct)
+                              items_hash=items.hash, n_distinct=n_distinct)
         self.fingerprint = fp
         self.fingerprint_changes = fp.changes_from(previous)
         rerun = self.opts.on_change == "rerun"
@@ -404,9 +409,13 @@ class Runner:
             if ev.n_run < len(positions):
                 ran = positions[:ev.n_run]
                 self._deliver(ran, None if ev.results is None else ev.results[:ev.n_run])
-            else:  # the results are unpickled only when the saver needs their values
-                self._deliver(positions, ev.results if self._saver is not None
-                              else ev.results_list, ev.results_blob)
+            else:
+                # Unpickled here when anyone needs the values (the saver, or a job
+                # that keeps results: the values stay in memory, the pickle goes
+                # to disk and is dropped).
+                needed = self._saver is not None or self.opts.keep_results
+                self._deliver(positions, ev.results if needed else ev.results_list,
+                              ev.results_blob)
         else:
             bad = {pos for f in ev.failures for pos in range(f.pos, f.pos + f.count)}
             keep = [i for i in range(ev.n_run) if i not in bad]
@@ -505,7 +514,7 @@ class Runner:
             blob = dumps(list(results))
         items = self.spec.item_list
         return self.store.record_span(items.hash, self.fingerprint.run, ranges_of(positions),
-                                      items.keys, blob)
+                                      items.keys, blob, results)
 
     # -- publishing ------------------------------------------------------
     def _publish_due(self, now: float) -> float | None:

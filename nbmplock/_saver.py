@@ -22,10 +22,21 @@ The handshake: one lock with one condition, ``_cond``, over every field below.
     returns. Recording happens under ``_cond``, so once :meth:`abandon`
     returned the store is never written by this thread again.
 ``_busy``
-    The saver is inside ``save_callback`` (or recording its batch).
+    Items the saver holds: in the ``save_callback`` call, or saved and not yet
+    recorded (see "Recording" below).
 ``_deadline``
     Set by a stop: no call starts that would, at the pace of the longest
     call so far, end after it; the batches left are dropped (:attr:`dropped`).
+
+Recording: each call's batch is recorded done after the call returned, and
+consecutive calls share one record while more batches are queued (up to
+:data:`RECORD_EVERY` seconds of calls or :data:`RECORD_BATCHES` batches):
+a record costs a write and a wake-up of the run store's fsync thread, which
+at ``save_batch=10`` cost more than the trivial callback itself. A batch is
+never recorded before its call returned; the queue running empty, a stop, a
+close or an error records what is held at once. A Force stop records what is
+held before it leaves (:meth:`abandon`); only a kill can leave saved batches
+unrecorded: they run again, as a call in progress would.
 
 The saver waits only in ``while not (_todo or _closed or _abandoned):
 wait()``, and every change of those fields is made under ``_cond`` followed by
@@ -46,6 +57,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from ._errors import add_note
+
+#: Consecutive save calls share one done record for at most this many seconds ...
+RECORD_EVERY = 0.05
+#: ... or this many batches, whichever comes first.
+RECORD_BATCHES = 16
 
 #: Saves that never returned, by run directory: a new run on that directory
 #: would call save_callback while the old call may still be running.
@@ -97,7 +113,10 @@ class Saver:
         self._todo_items = 0
         self._closed = False
         self._abandoned = False
-        self._busy = 0  # items in the call being made
+        self._busy = 0  # items in the call being made, or saved and not yet recorded
+        self._held: tuple[list, list] = ([], [])  # saved, not yet recorded (saver thread)
+        self._held_batches = 0
+        self._held_since = 0.0
         self._deadline: float | None = None
         self.dropped = 0
         self.saved = 0
@@ -113,9 +132,11 @@ class Saver:
         ``batch``; the last, short batch waits for :meth:`finish`."""
         self._buf_positions.extend(positions)
         self._buf_results.extend(results)
-        while len(self._buf_positions) >= batch:
-            self.put(self._buf_positions[:batch], self._buf_results[:batch])
-            del self._buf_positions[:batch], self._buf_results[:batch]
+        full = len(self._buf_positions) - len(self._buf_positions) % batch
+        if full:
+            bp, br = self._buf_positions, self._buf_results
+            self.put_many([(bp[i:i + batch], br[i:i + batch]) for i in range(0, full, batch)])
+            del bp[:full], br[:full]
 
     @property
     def unsaved(self) -> int:
@@ -149,11 +170,15 @@ class Saver:
         return notes
 
     def put(self, positions: list, results: list) -> None:
+        self.put_many([(positions, results)])
+
+    def put_many(self, batches: list[tuple[list, list]]) -> None:
+        """Queue batches ``(positions, results)`` for save_callback, in order."""
         with self._cond:
             if self._closed or self._abandoned or self.error is not None:
                 return
-            self._todo.append((positions, results))
-            self._todo_items += len(positions)
+            self._todo.extend(batches)
+            self._todo_items += sum(len(positions) for positions, _ in batches)
             self._cond.notify()
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, daemon=True,
@@ -199,10 +224,13 @@ class Saver:
         none was): those are not recorded done.
         """
         with self._cond:
-            self._abandoned = True
-            self._todo.clear()
-            self._todo_items = 0
-            busy = self._busy
+            try:
+                self._record_held_locked()  # their calls returned: recorded, by this thread
+            finally:
+                self._abandoned = True
+                self._todo.clear()
+                self._todo_items = 0
+                busy = self._busy
             self._cond.notify()
         thread = self._thread
         if busy and thread is not None and thread.is_alive():
@@ -225,26 +253,43 @@ class Saver:
 
     def _fail_locked(self) -> None:
         self._busy = 0
+        self._held = ([], [])
+        self._held_batches = 0
         self._todo.clear()
         self._todo_items = 0
 
+    def _record_held_locked(self) -> None:
+        """Record the batches saved and not yet recorded (under ``_cond``)."""
+        positions, results = self._held
+        if positions:
+            self._held = ([], [])
+            self._held_batches = 0
+            self.cleared += self._record(positions, results)
+            self.saved += len(positions)
+            self._busy -= len(positions)
+
     def _save_one(self) -> bool:
-        """Save and record one batch; False when the thread should return."""
+        """Save one batch (and record it, or hold it for the next record);
+        False when the thread should return."""
         cond = self._cond
         with cond:
             while not (self._todo or self._closed or self._abandoned):
                 cond.wait()  # put(), close() or abandon() notifies
-            if self._abandoned or not self._todo:
-                return False  # abandoned, or closed with nothing left
+            if self._abandoned:
+                return False  # what is held is not recorded: it runs again
+            if not self._todo:
+                self._record_held_locked()  # closed with nothing left
+                return False
             if (self._deadline is not None
                     and time.monotonic() + self.longest_call > self._deadline):
+                self._record_held_locked()
                 self.dropped += self._todo_items  # a stop: not saved, so not done
                 self._todo.clear()
                 self._todo_items = 0
                 return False
             positions, results = self._todo.popleft()
             self._todo_items -= len(positions)
-            self._busy = len(positions)
+            self._busy += len(positions)
         started = time.monotonic()
         names = [self._items[p] for p in positions]
         try:
@@ -252,14 +297,27 @@ class Saver:
         except BaseException as exc:  # noqa: BLE001 - the run fails with it
             add_note(exc, f"nbmplock: raised by save_callback; these {len(names)} items "
                           "are not recorded done and run again on resume")
+            with cond:
+                if not self._abandoned:
+                    self._busy -= len(positions)
+                    self._record_held_locked()  # the calls before it did return
             raise
-        seconds = time.monotonic() - started
+        now = time.monotonic()
+        seconds = now - started
         with cond:
             if self._abandoned:
                 return False  # a Force stop left: this batch is not recorded
-            self.cleared += self._record(positions, results)
-            self.saved += len(names)
-            self._busy = 0
+            held_positions, held_results = self._held
+            if not held_positions:
+                self._held_since = started
+            held_positions.extend(positions)
+            if results is not None:
+                held_results.extend(results)
+            self._held_batches += 1
+            if (not self._todo or self._deadline is not None or self._closed
+                    or self._held_batches >= RECORD_BATCHES
+                    or now - self._held_since >= RECORD_EVERY):
+                self._record_held_locked()
             self.longest_call = max(self.longest_call, seconds)
             per_item = seconds / len(names)
             self.seconds_per_item = per_item if self.seconds_per_item is None else (

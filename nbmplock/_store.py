@@ -244,15 +244,20 @@ class RunStore:
         return cleared
 
     def record_span(self, list_hash: str, run: str, ranges: array, keys: Sequence,
-                    results_blob: bytes | None = None) -> int:
+                    results_blob: bytes | None = None, results: list | None = None) -> int:
         """Positions ``ranges`` of the list ``list_hash`` (whose keys are ``keys``) are
         done by run ``run``, with the pickle of their results in order when results
-        are kept. Returns how many of them had a failure recorded, now superseded."""
+        are kept (and ``results``, that pickle's values, when the caller has them:
+        then they are what stays in memory, not the pickle).
+        Returns how many of them had a failure recorded, now superseded."""
         if not len(ranges):
             return 0
         blob = results_blob if self.keep_results else None
         self._append(span_record(list_hash, run, ranges, blob))
-        span = Span(list_hash, ranges, blob, run)
+        if blob is not None and results is not None:
+            span = Span(list_hash, ranges, None, run, kept=results)
+        else:
+            span = Span(list_hash, ranges, blob, run)
         self.contents.spans.append(span)
         failures = self.contents.failures
         cleared = 0

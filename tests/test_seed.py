@@ -49,6 +49,25 @@ def test_save_callback_is_never_concurrent(tmp_path):
     assert overlaps == []
 
 
+def test_saves_that_returned_are_recorded_when_a_later_save_raises(tmp_path):
+    """Consecutive save calls share one done record; a call that raises must not
+    take the records of the calls before it down with it."""
+    calls: list[list[str]] = []
+
+    def save(path, results, names):
+        if len(calls) == 40:
+            raise OSError("disk full")
+        calls.append(list(names))
+
+    out = str(tmp_path / "run")
+    with pytest.raises(OSError, match="disk full"):
+        mp_lock(ITEMS, helpers.echo, save, 2, out, save_batch=1, verbose=False)
+    saved = [name for names in calls for name in names]
+    contents = read_contents(out)
+    recorded = {ITEMS[i] for span in contents.spans for i in span.positions()}
+    assert recorded == set(saved)  # every returned call recorded, nothing else
+
+
 def test_shared_data_and_init_once_per_worker(tmp_path):
     results = mp_lock_value(ITEMS, helpers.with_init, None, 2, str(tmp_path / "r"),
                             shared_data={"token": "T"}, init_function=helpers.init_pid,

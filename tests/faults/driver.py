@@ -176,6 +176,9 @@ def main(cfg: dict) -> int:
 
     if cfg.get("child_start_delay"):
         _slow_child_start(cfg["child_start_delay"])
+    if cfg.get("record_every_batch"):  # one done record per save call (a long log)
+        import nbmplock._saver
+        nbmplock._saver.RECORD_BATCHES = 1
 
     if cfg.get("verbose"):
         import nbmplock._progress  # noqa: F401 - imports tqdm now, not after READY

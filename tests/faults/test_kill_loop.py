@@ -350,7 +350,7 @@ def test_kill_during_log_compaction(tmp_path, rng):
     ledger_dir.mkdir()
     base_out = tmp_path / "base"
     base = dict(ledger=str(ledger_dir), workers=2, chunk_size=1, save_batch=1,
-                work_ms=[0.0, 0.05], api="value", tag="c")
+                work_ms=[0.0, 0.05], api="value", tag="c", record_every_batch=True)
     first = driver.make_items(_store._COMPACT_MIN_RECORDS + 500, "c")
     proc = Driver(dict(base, out=str(base_out), run=0, n_items=len(first)), ledger_dir)
     try:
