@@ -257,6 +257,11 @@ class MemoryCase(RunnerRow):
     note: str = "fresh subprocess per run; trivial function"
     workload: str = "W6"
 
+    @property
+    def library(self) -> str:
+        suffix = ", generator" if self.probe in memprobe.GENERATOR_PROBES else ""
+        return self.runner.library + suffix
+
     def run(self) -> Measurement:
         with scratch_dir(self.scratch_root) as scratch:
             result = memprobe.measure(self.probe, self.n_items, self.workers, scratch, self.timeout)
@@ -365,6 +370,8 @@ def build_w6(s: Settings) -> list[Case]:
                   timeout=s.timeout)
     return [
         MemoryCase("mp_lock", nbm.MP_LOCK, **common),
+        MemoryCase("mp_lock-generator", nbm.MP_LOCK,
+                   note="fresh subprocess per run; items given as a one-shot generator", **common),
         MemoryCase("multiprocess", peers.MULTIPROCESS_CHUNKED, note="reference; fresh subprocess per run",
                    **common),
     ]

@@ -229,7 +229,7 @@ class Sizes:
     skew_heavy_ms: float = 50.0
     skew_light_ms: float = 1.0
     resume_items: int = 1_000_000      # W5
-    memory_items: int = 5_000_000      # W6
+    memory_items: int = 10_000_000     # W6 (issue 15: a 10,000,000-item generator)
 
     def describe(self) -> str:
         """One-line human summary of the sizes."""

@@ -1,6 +1,6 @@
 """nbmplock: a resumable parallel map for Jupyter.
 
-Run a function over a list of string items on every core; every finished item
+Run a function over a list of items (strings, numbers, paths, rows) on every core; every finished item
 is recorded in a run directory, so after a crash, a kernel restart or a Stop
 the next run continues exactly where the last one left off.
 
@@ -16,6 +16,14 @@ The seed library's API is kept: ``mp_lock``, ``mp_lock_value`` (alias
 """
 
 from __future__ import annotations
+
+try:
+    import fcntl as _fcntl  # noqa: F401 - the run directory's lock
+except ModuleNotFoundError:  # Windows
+    raise ImportError(
+        "nbmplock runs on Linux (tested) and other POSIX systems such as macOS (untested); "
+        "not on Windows, which lacks the fcntl file locks, fork and process groups it relies "
+        "on. On Windows, use it in WSL.") from None
 
 from ._errors import (InvalidArgumentsError, ItemTimeoutError, JobStateError,
                       MissingDependencyError, NbmplockError, RemoteTraceback,

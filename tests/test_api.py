@@ -31,3 +31,14 @@ def test_import_is_light():
             "'tqdm') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_import_without_fcntl_says_what_is_supported():
+    """On Windows ``fcntl`` does not exist: the ImportError says where nbmplock runs."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['fcntl'] = None\n"
+            "try:\n    import nbmplock\nexcept ImportError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60).stdout
+    assert "runs on Linux" in out and "not on Windows" in out and "WSL" in out, out
