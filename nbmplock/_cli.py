@@ -55,6 +55,14 @@ def status(out_path: str, last: int, out) -> int:
     else:
         pid = f"pid {snap.holder_pid}" if snap.holder_pid > 0 else "unknown pid"
         out.write(f"live run:      yes, {pid} holds the lock\n")
+    if len(snap.runs) > 1 or (snap.runs and snap.fingerprint
+                              and snap.runs[0][0] != snap.fingerprint.run):
+        out.write("done by run:\n")  # which work made the results kept now
+        for run, fp, n in snap.runs:
+            what = (f"function {fp.get('function', '?')}" if fp
+                    else "a run of a release that did not record its work")
+            latest = " (the latest)" if snap.fingerprint and run == snap.fingerprint.run else ""
+            out.write(f"  {run or '?':16}  {n:>10,} done  {what}{latest}\n")
     if snap.torn_bytes:
         out.write(f"note:          a torn last record ({snap.torn_bytes} bytes) will be ignored\n")
     if snap.failures and last:

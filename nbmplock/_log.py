@@ -193,6 +193,10 @@ class Contents:
         A position of a list whose keys are lost (a damaged LIST record) counts
         as ``(list hash, position)``: a run of that same list still knows it.
         """
+        return set(self.done_by_key())
+
+    def done_by_key(self) -> dict:
+        """Every key recorded done -> the id of the run that recorded it last."""
         done = dict(self.done_keys)
         for span in self.spans:
             keys = self.keys_of(span.list_hash)
@@ -202,7 +206,7 @@ class Contents:
                     done.pop(k, None)
                 else:
                     done[k] = span.run
-        return set(done)
+        return done
 
     def all_results(self) -> dict:
         """Every stored result by key, whatever its list (read with ``results=True``)."""

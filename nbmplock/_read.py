@@ -112,6 +112,9 @@ class Snapshot:
     holder_pid: int | None
     torn_bytes: int
     last_end: dict | None = None  # how the last run ended: status, reason, time, pid
+    #: Which run recorded the items done now, oldest run first:
+    #: ``(run id, its fingerprint as recorded (a dict, or None), items)``.
+    runs: tuple = ()
 
 
 def read_snapshot(out_path: str) -> Snapshot:
@@ -123,10 +126,17 @@ def read_snapshot(out_path: str) -> Snapshot:
         last = os.stat(path).st_mtime
     except OSError:
         last = None
-    done = contents.all_done()
+    by_key = contents.done_by_key()
+    done = set(by_key)
     failures = by_time(contents.live_failures(done).values())
+    counts: dict = {}
+    for run in by_key.values():
+        counts[run] = counts.get(run, 0) + 1
+    order = {run: i for i, run in enumerate(contents.runs)}
+    runs = tuple((run, contents.runs.get(run), n)
+                 for run, n in sorted(counts.items(), key=lambda rn: order.get(rn[0], -1)))
     return Snapshot(out_path, len(done), failures, read_fingerprint(out_path),
-                    last, lock_holder(out_path), contents.torn_bytes, contents.last_end)
+                    last, lock_holder(out_path), contents.torn_bytes, contents.last_end, runs)
 
 
 def is_complete(out_path: str, items: ItemList) -> bool:

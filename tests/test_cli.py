@@ -80,3 +80,18 @@ def test_repair_reports_items_not_records(tmp_path):
     second = _cli("repair", out)
     assert first.stdout == second.stdout == (
         "repaired: 27 items done and 3 failed are kept; nothing was damaged\n")
+
+
+def test_status_says_which_run_did_which_items(tmp_path):
+    """Issue 17: the fingerprint is recorded per run, so status names the work that
+    made the items done now."""
+    out = str(tmp_path)
+    items = [f"r{n}" for n in range(30)]
+    Job(items[:10], helpers.echo, out, num_procs=1).start().wait()
+    Job(items, helpers.fail_on_seven, out, num_procs=1).start().wait()
+    text = _cli("status", out).stdout
+    assert "done by run:" in text, text
+    rows = [line for line in text.splitlines() if line.startswith("  ") and " done  " in line]
+    assert len(rows) == 2, text
+    assert "10 done  function echo" in rows[0] and "function fail_on_seven (the latest)" in rows[1]
+    assert rows[1].split()[1] == "18"  # 20 new items; r17 and r27 failed
