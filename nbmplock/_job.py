@@ -164,7 +164,10 @@ class Job:
         return self._begin("start", "all")
 
     def resume(self) -> Job:
-        """Run every item not recorded done (failed ones included) again."""
+        """Run every item not recorded done (failed ones included) again.
+
+        On a job that has not run yet (a Job built again after a kernel restart,
+        say) it is the same as :meth:`start`; the panel then offers **Start**."""
         return self._begin("resume", "all")
 
     def retry_failed(self) -> Job:

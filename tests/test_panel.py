@@ -242,6 +242,25 @@ def test_two_panels_of_one_job_both_update(make):
     assert bundles[0]["text/plain"].startswith("nbmplock Job on")
 
 
+def test_job_panel_is_a_widget_to_place_in_a_layout(make):
+    """Issue 19: ``job.panel`` is public: one live VBox per job, to put in an HBox,
+    a dashboard or Voila, whose buttons drive the job and whose counts follow it."""
+    import ipywidgets as widgets
+
+    job = make(400)
+    panel = job.panel
+    assert isinstance(panel, widgets.VBox) and job.panel is panel
+    layout = widgets.HBox([panel, widgets.HTML("a plot")])
+    assert layout.children[0] is panel
+    settled = Settled(job)
+    panel.start_button.click()
+    assert job.wait(WAIT)
+    settled.wait()
+    assert "done 400 / 400" in panel.counts.value and ">finished<" in panel.state_badge.value
+    assert job._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]["model_id"] \
+        == panel.model_id
+
+
 def test_displaying_a_job_100_times_adds_no_subscriber_or_thread(make):
     """Issue 14: every display built a Panel that subscribed for ever, and each
     throttle window started a Timer thread."""
