@@ -17,7 +17,7 @@ import hashlib
 import os
 import sys
 
-from ._read import STATE_DIR, read_snapshot
+from ._read import STATE_DIR, read_contents, read_snapshot
 from ._store import forget_in, repair
 from ._text import clip, short_repr
 
@@ -32,6 +32,10 @@ def _check_dir(out_path: str) -> str | None:
     if not os.path.isdir(os.path.join(out_path, STATE_DIR)):
         return f"{out_path!r} is not an nbmplock run directory (no {STATE_DIR}/ inside)"
     return None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def status(out_path: str, last: int, out) -> int:
@@ -173,7 +177,7 @@ def _main(argv: list[str] | None) -> int:
     what.add_argument("--failed", action="store_true", help="every failure")
     what.add_argument("--all", action="store_true", help="every item: the next run starts over")
     what.add_argument("--items", metavar="FILE",
-                      help="a file of str items (their keys), one per line")
+                      help="a file of keys, one per line: str items themselves, or what key= gave them")
     p_repair = sub.add_parser("repair", help="rewrite a damaged log, keeping readable records")
     p_repair.add_argument("out_path")
     p_demo = sub.add_parser("demo", help="a short job, stopped part-way and resumed")
@@ -199,10 +203,22 @@ def _main(argv: list[str] | None) -> int:
             keys = None
             if args.items:
                 with open(args.items, encoding="utf-8") as f:
-                    keys = [line.rstrip("\n") for line in f if line.rstrip("\n")]
+                    asked = [line.rstrip("\n") for line in f if line.rstrip("\n")]
+                contents = read_contents(args.out_path)
+                known = contents.all_done() | set(contents.failures)
+                keys = [k for k in asked if k in known]
+                unknown = [k for k in asked if k not in known]
+                if unknown:
+                    sys.stderr.write(
+                        f"nbmplock: {len(unknown):,} of the {len(asked):,} keys are neither done "
+                        f"nor failed in {args.out_path!r} (first: {short_repr(unknown[0], 60)}); "
+                        "--items takes one key per line: a str item itself, or what key= "
+                        "gave it\n")
+                if not keys:
+                    return 1
             forget_in(args.out_path, keys=keys, failed=args.failed, everything=args.all)
             what = "every item" if args.all else ("every failure" if args.failed else
-                                                  f"{len(keys):,} items")
+                                                  _count(len(keys), "item"))
             out.write(f"forgot {what}: recorded in the log; they run again on the next run\n")
             return 0
         kept = repair(args.out_path)

@@ -255,7 +255,7 @@ class Job:
             register_exit_hook()  # now that the backend's modules are imported
             self.fingerprint_changes = runner.fingerprint_changes
             self.error = None
-            self.notes = ()
+            self.notes = runner.planning_notes()  # what planning found (values never kept, say)
             self.reattached = False
             self._runner = runner
             self._published = Published(runner.tally,
@@ -367,7 +367,7 @@ class Job:
         p = self.progress
         return RunSummary(done=p.done_now, failed=p.failed, skipped=p.done_before,
                           elapsed=p.elapsed, failures=self.failures, out_path=self.out_path,
-                          state=p.state)
+                          state=p.state, notes=self.notes)
 
     def results(self, *, by_key: bool = False) -> list | dict:
         """Results in ``data_list`` order (None for items not done), or with

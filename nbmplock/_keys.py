@@ -106,6 +106,10 @@ def encode(value: Any) -> bytes:
     raise Unkeyable(value)
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
 def encoded_key(value: Any) -> bytes:
     """The key of an item that is not a ``str``: an integer's is ``b"i"`` and its
     digits (short, and cheap to make for a million of them); any other's is the
@@ -155,9 +159,9 @@ def compute_keys(items: Sequence, key: Callable | str | None) -> list[Key]:
                     raise InvalidArgumentsError(
                         "data_list", "items that have a stable key (str, numbers, paths, "
                         "dates, tuples, dicts and dataclasses of these), or key=",
-                        f"the item at index {index} is a {type(item).__name__} "
+                        f"the item at index {index} is {_a(type(item).__name__)} "
                         f"({short_repr(item, 80)})" + (
-                            f", holding a {type(exc.value).__name__}"
+                            f", holding {_a(type(exc.value).__name__)}"
                             if exc.value is not item else "")
                         + ", which has no stable identity: pass key=, a function of the "
                         "item returning a str (or the name of a field of the items)") from None

@@ -349,6 +349,8 @@ class Panel(widgets.VBox):
                                   "items done by the old work run again." if rerun else
                                   "items recorded done are not run again (on_change='rerun' "
                                   "runs them again)."), from_job=True)
+        elif job.notes and p.state is not JobState.IDLE:
+            self._set_message("Note: " + "; ".join(job.notes) + ".", from_job=True)
         elif p.state is JobState.RUNNING and self._message_from_job:
             self._set_message("")
         if not p.state.active and self._notice_text:

@@ -46,7 +46,8 @@ def results(job: Any, *, by_key: bool = False) -> list | dict:
     if job.state.active:
         raise JobStateError("cannot read results() while the job runs; wait() for it, or "
                             "use iter_results() to take them as they come")
-    values = _values(job, _contents(job))
+    contents = _contents(job)
+    values = _values(job, contents)
     keys = job.spec.keys
     if by_key:
         return {k: v for k, v in zip(keys, values) if v is not _MISSING}
@@ -55,8 +56,17 @@ def results(job: Any, *, by_key: bool = False) -> list | dict:
         failed = {f.key for f in job.failures}
         unexplained = sum(1 for k, v in zip(keys, values) if v is _MISSING and k not in failed)
         if unexplained:
-            log.warning("nbmplock: %d items of %r have no result yet (not done); their "
-                        "results are None", unexplained, job.out_path)
+            items = job.spec.item_list
+            done = done_mask(contents, items.keys, items.hash)
+            kept_none = sum(1 for d, v in zip(done, values) if d and v is _MISSING)
+            if kept_none:
+                log.warning("nbmplock: %d items of %r are done by a run that kept no results "
+                            "(mp_lock, or a save_callback); their results are None until a run "
+                            "that keeps results (mp_lock_value, keep_results=True) runs them "
+                            "again for their values", kept_none, job.out_path)
+            if unexplained - kept_none:
+                log.warning("nbmplock: %d items of %r have no result yet (not done); their "
+                            "results are None", unexplained - kept_none, job.out_path)
         values = [None if v is _MISSING else v for v in values]
     return values
 

@@ -341,6 +341,10 @@ class Runner:
         for note in self._saver.abandon_all():
             self._note(note)
 
+    def planning_notes(self) -> tuple[str, ...]:
+        """The notes :meth:`prepare` made (read before the run starts)."""
+        return tuple(self._notes)
+
     def _note(self, text: str) -> None:
         self._notes.append(text)
         log.warning("nbmplock: %s: %s", self.spec.out_path, text)

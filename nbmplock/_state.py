@@ -96,10 +96,14 @@ class RunSummary:
     failures: tuple[Failure, ...]
     out_path: str
     state: JobState
+    #: What the run wants the user to know (items run again for their values, a
+    #: save_callback call abandoned by a Force stop, ...).
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return (f"{self.done} done, {self.skipped} already done before, {self.failed} failed "
+        text = (f"{self.done} done, {self.skipped} already done before, {self.failed} failed "
                 f"in {self.elapsed:.1f} s ({self.state.value}; run directory {self.out_path!r})")
+        return text + "".join(f". Note: {note}" for note in self.notes)
 
 
 class StopMode(enum.IntEnum):

@@ -394,8 +394,9 @@ def forget_in(out_path: str, *, keys: Sequence | None = None, failed: bool = Fal
         store.record_forget(keys=keys, failed=failed, everything=everything)
     finally:
         store.close()
+    n = len(keys or ())
     what = "every item" if everything else ("every failure" if failed else
-                                            f"{len(keys or ()):,} items")
+                                            f"{n:,} item" + ("" if n == 1 else "s"))
     log.warning("nbmplock: %s: forgot %s on request; they run again", out_path, what)
 
 

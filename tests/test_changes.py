@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,14 @@ def test_forget_from_the_command_line(tmp_path):
     result = cli("--items", str(items_file))
     assert result.returncode == 0 and "forgot 3 items" in result.stdout
     assert read_done(out) == set(ITEMS[3:])
+    # keys the run directory does not hold are named, and forget nothing
+    items_file.write_text("no-such-key\n" + ITEMS[3] + "\n")
+    result = cli("--items", str(items_file))
+    assert result.returncode == 0 and "forgot 1 item:" in result.stdout
+    assert "1 of the 2 keys are neither done nor failed" in result.stderr
+    items_file.write_text("no-such-key\n")
+    assert cli("--items", str(items_file)).returncode == 1
+    assert read_done(out) == set(ITEMS[4:])
     assert cli("--all").returncode == 0 and read_done(out) == set()
     assert cli().returncode == 2  # one of --failed, --all, --items is required
 
@@ -232,6 +241,27 @@ def test_values_never_kept_are_computed_again(tmp_path, caplog):
                          verbose=False) == values
     assert len(ran(tmp_path)) == 80
     assert len(read_contents(out, results=True).results) == len(ITEMS)
+
+
+def test_values_never_kept_are_said_in_the_summary_and_the_panel(tmp_path):
+    """Issue 17: not only in the log: the summary and the panel say it too."""
+    from nbmplock._panel import Panel
+
+    out = str(tmp_path / "run")
+    mp_lock(ITEMS, helpers.echo, None, 2, out, verbose=False)
+    job = nbmplock.Job(ITEMS, helpers.echo, out, num_procs=2, keep_results=True)
+    panel = Panel(job)
+    try:
+        job.start()
+        assert job.wait(60)
+        assert "run again for their values" in str(job.summary)
+        assert job.results() == ITEMS
+        deadline = time.monotonic() + 10
+        while "run again for their values" not in panel.message.value:
+            assert time.monotonic() < deadline, panel.message.value
+            time.sleep(0.05)
+    finally:
+        panel.close()
 
 
 @pytest.mark.timeout(60)
