@@ -388,8 +388,12 @@ def scan(data: bytes, *, results: bool, skip_damaged: bool = False) -> Contents:
             ranges = array("Q")
             ranges.frombytes(payload[start:start + 8 * n_ints])
             blob = payload[start + 8 * n_ints:] if flags & _HAS_RESULTS else None
-            c.spans.append(Span(list_hash.decode("ascii"), ranges, blob,
-                                run_id.decode("ascii")))
+            span = Span(list_hash.decode("ascii"), ranges, blob, run_id.decode("ascii"))
+            c.spans.append(span)
+            if c.failures:
+                # Failures recorded before these positions were done are superseded,
+                # as RunStore.record_span drops them when it writes this record.
+                _clear_failures(c, span)
         elif kind == _DONE:
             (names_len,) = _U32.unpack_from(payload, 0)
             done_names = pickle.loads(payload[4:4 + names_len])
@@ -420,8 +424,18 @@ def scan(data: bytes, *, results: bool, skip_damaged: bool = False) -> Contents:
         pos = end
     c.valid_bytes, c.torn_bytes = pos, n - pos
     for key in [k for k in c.failures if k in c.done_keys]:
-        del c.failures[key]  # done since (by key; done by position: see live_failures)
+        del c.failures[key]  # done since (by key; by position: see _clear_failures)
     return c
+
+
+def _clear_failures(c: Contents, span: Span) -> None:
+    keys = c.keys_of(span.list_hash)
+    if keys is None:
+        return
+    failures = c.failures
+    for i in span.positions():
+        if failures.pop(keys[i], None) is not None and not failures:
+            return
 
 
 def _forget(c: Contents, what: str, keys: list) -> None:

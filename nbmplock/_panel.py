@@ -187,7 +187,7 @@ class Panel(widgets.VBox):
         self._closed = False
         self._unsubscribe: Callable[[], None] = _nothing  # until subscribed, at the end
         # the newest failures by item, fed by events: no full sort of job.failures per update
-        self._recent_failures: OrderedDict[str, Failure] = OrderedDict()
+        self._recent_failures: OrderedDict[Any, Failure] = OrderedDict()  # by key
         self._failures_dirty = True
         self._failed_shown: int | None = None
         self._state_text = ""
@@ -285,8 +285,10 @@ class Panel(widgets.VBox):
     def _add_failures(self, failures: Iterable[Failure]) -> None:
         recent = self._recent_failures
         for failure in failures:
-            recent.pop(failure.item, None)
-            recent[failure.item] = failure
+            # by key: an item may be unhashable (a dict row, a list)
+            key = failure.key if failure.key is not None else failure.item
+            recent.pop(key, None)
+            recent[key] = failure
             self._failures_dirty = True
         while len(recent) > MAX_FAILURE_ROWS:
             recent.popitem(last=False)

@@ -638,3 +638,62 @@ def test_watchdog_never_leaks_the_interrupt():
         for _ in range(50):  # any pending interrupt would be delivered here
             pass
     assert threading.current_thread().is_alive()
+
+
+# -- values never kept (issue 17) -------------------------------------------------
+
+def counted_row(item, shared_data, init_values):
+    """Log the row's id (the workers are processes of this machine), return a value."""
+    with open(shared_data["ledger"], "a", encoding="utf-8") as f:
+        f.write(item["id"] + "\n")
+    time.sleep(0.002)
+    return [item["id"][::-1], item["n"] * 2]
+
+
+def test_values_never_kept_are_computed_again_on_the_cluster(client, tmp_path, caplog):
+    """mp_lock (no save_callback) records rows done without their values; mp_lock_value
+    on the same directory runs them again for their values, says so, and the run
+    stays complete throughout. Items are dicts keyed by key="id"."""
+    import logging
+
+    out = str(tmp_path / "run")
+    ledger = tmp_path / "ledger"
+    shared = {"ledger": str(ledger)}
+    items = [{"id": f"row-{i:03d}", "n": i} for i in range(80)]
+    expected = [[r["id"][::-1], r["n"] * 2] for r in items]
+
+    def ran() -> int:
+        return len(ledger.read_text().splitlines())
+
+    summary = nbmplock.mp_lock(items, counted_row, None, None, out, key="id",
+                               shared_data=shared, backend=client, verbose=False)
+    assert summary.done == len(items) and ran() == len(items)
+    assert nbmplock.is_mp_lock_completed(items, out, key="id")
+    seen_incomplete = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if not nbmplock.is_mp_lock_completed(items, out, key="id"):
+                seen_incomplete.append(time.monotonic())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="nbmplock"):
+            values = nbmplock.mp_lock_value(items, counted_row, None, None, out, key="id",
+                                            shared_data=shared, backend=client,
+                                            verbose=False)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert values == expected
+    assert ran() == 2 * len(items), "every row ran once more, for its value"
+    assert "kept no results" in caplog.text and "run again for their values" in caplog.text
+    assert seen_incomplete == [], "is_mp_lock_completed turned false during the recompute"
+    assert nbmplock.is_mp_lock_completed(items, out, key="id")
+    # the values are kept now: nothing runs a third time
+    assert nbmplock.mp_lock_value(items, counted_row, None, None, out, key="id",
+                                  shared_data=shared, backend=client, verbose=False) == expected
+    assert ran() == 2 * len(items)

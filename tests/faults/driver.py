@@ -21,16 +21,25 @@ directory outside ``out_path``, one append-only file per writer:
 The functions at module level (``process``, ``init``, ``make_items``,
 ``expected_result``) are imported by the tests too, so a run in the test
 process has the same function fingerprint as the driver's runs.
+
+Items are of one *kind* per run (``cfg["kind"]``, see :data:`KINDS`): ``str``
+(every awkward string), or ints, dicts, tuples, paths, named tuples, each
+keyed by nbmplock's canonical encoding or by ``key=`` (``cfg["key"]``: a field
+name, or ``"callable"`` for :func:`label`). Every item has a *label*, a
+``str`` unique in its list: what the ledgers record, so the tests compare
+items of any kind as strings.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 import threading
 import time
 import zlib
+from typing import NamedTuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(os.path.dirname(_HERE))
@@ -38,8 +47,17 @@ _ROOT = os.path.dirname(os.path.dirname(_HERE))
 
 # -- items and what process() returns for them ----------------------------
 
-def make_items(n: int, tag: str = "i") -> list[str]:
-    """``n`` distinct items, with every awkward kind of ``str`` among them."""
+def make_items(n: int, tag: str = "i", kind: str = "str") -> list:
+    """``n`` distinct items of ``kind`` (see :data:`KINDS`), labelled by distinct
+    strings with every awkward kind of ``str`` among them."""
+    names = _names(n, tag)
+    make = KINDS[kind][0]
+    items = [make(i, s) for i, s in enumerate(names)]
+    assert len({label(x) for x in items}) == n
+    return items
+
+
+def _names(n: int, tag: str) -> list[str]:
     odd = [
         "",                                  # the empty string
         "  edge spaces  ",
@@ -59,12 +77,68 @@ def make_items(n: int, tag: str = "i") -> list[str]:
     return items
 
 
-def _crc(item: str) -> int:
-    return zlib.crc32(item.encode("utf-8", "surrogatepass"))
+class Payload:
+    """An object whose only identity is its address (pickles, but has no stable key)."""
+
+    def __init__(self, n: int):
+        self.n = n
 
 
-def expected_result(item: str) -> list:
-    return [len(item), _crc(item), item[::-1][:50]]
+class Row(NamedTuple):
+    """A named tuple item (a row of ``df.itertuples()``, say)."""
+
+    id: str
+    n: int
+    score: float
+
+
+#: kind -> (how to make the item of label ``s`` at position ``i``, key= for the run)
+KINDS: dict = {
+    "str": (lambda i, s: s, None),
+    "int": (lambda i, s: i, None),
+    "dict": (lambda i, s: {"id": s, "n": i, "tags": [i % 3, None, 1.5], "ok": i % 2 == 0},
+             None),
+    "tuple": (lambda i, s: (s, i, -0.5, None, b"\x00b"), None),
+    "path": (lambda i, s: pathlib.PosixPath("photos", f"{s}.jpg"), None),
+    "namedtuple": (lambda i, s: Row(s, i, i / 7), None),
+    # a value with no canonical encoding inside: only key= makes these items usable
+    "dict-key=field": (lambda i, s: {"id": s, "n": i, "payload": Payload(i)}, "id"),
+    "namedtuple-key=field": (lambda i, s: Row(s, i, i / 7), "id"),
+    "tuple-key=callable": (lambda i, s: (s, i, [i, i]), "callable"),
+}
+
+
+def label(item) -> str:
+    """The ``str`` that names ``item`` in the ledgers (unique in a list); also the
+    ``key=`` function of the ``"callable"`` kinds."""
+    if type(item) is str:
+        return item
+    if type(item) is int:
+        return f"#{item}"
+    if isinstance(item, dict):
+        return item["id"]
+    if isinstance(item, Row):
+        return item.id
+    if isinstance(item, tuple):
+        return item[0]
+    if isinstance(item, pathlib.PurePath):
+        return item.as_posix()
+    raise TypeError(f"no label for {item!r}")
+
+
+def key_option(kind: str):
+    """What the driver passes as ``key=`` for items of ``kind``."""
+    key = KINDS[kind][1]
+    return label if key == "callable" else key
+
+
+def _crc(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+def expected_result(item) -> list:
+    name = label(item)
+    return [len(name), _crc(name), name[::-1][:50]]
 
 
 def _spin(seconds: float) -> None:
@@ -86,11 +160,12 @@ def init(shared: dict) -> dict:
     return {"fd": fd}
 
 
-def process(item: str, shared: dict, init_values: dict) -> list:
-    """Log the item, then work 0.5-2 ms (deterministic per item), then return."""
-    _append(init_values["fd"], json.dumps(item) + "\n")
+def process(item, shared: dict, init_values: dict) -> list:
+    """Log the item's label, then work 0.5-2 ms (deterministic per item), then return."""
+    name = label(item)
+    _append(init_values["fd"], json.dumps(name) + "\n")
     lo, hi = shared["work_ms"]
-    _spin((lo + (_crc(item) % 1000) / 1000 * (hi - lo)) / 1000)
+    _spin((lo + (_crc(name) % 1000) / 1000 * (hi - lo)) / 1000)
     return expected_result(item)
 
 
@@ -126,7 +201,8 @@ class Saver:
                 self.violations.append(f"output_filepath {output_filepath!r}")
             if len(data_results) != len(data_names):
                 self.violations.append("results and names differ in length")
-            lines = "".join(json.dumps([n, r]) + "\n" for n, r in zip(data_names, data_results))
+            lines = "".join(json.dumps([label(n), r]) + "\n"
+                            for n, r in zip(data_names, data_results))
             _append(self.fd, lines)
         finally:
             self.busy.release()
@@ -183,11 +259,15 @@ def main(cfg: dict) -> int:
     if cfg.get("verbose"):
         import nbmplock._progress  # noqa: F401 - imports tqdm now, not after READY
     ledger, run, out = cfg["ledger"], cfg["run"], cfg["out"]
-    items = make_items(cfg["n_items"], cfg.get("tag", "i"))
+    kind = cfg.get("kind", "str")
+    items = cfg["items"] if cfg.get("items") else make_items(cfg["n_items"],
+                                                             cfg.get("tag", "i"), kind)
     shared = {"ledger": ledger, "run": run, "work_ms": cfg.get("work_ms", [0.5, 2.0])}
     save = Saver(ledger, run, out, cfg.get("save_sleep", 0.0), cfg.get("save_hang_after"))
     options = {k: cfg[k] for k in ("chunk_size", "errors", "max_retries", "item_timeout",
                                    "start_method") if cfg.get(k) is not None}
+    if key_option(kind) is not None:
+        options["key"] = key_option(kind)
     api = {"lock": nbmplock.mp_lock, "value": nbmplock.mp_lock_value}[cfg.get("api", "lock")]
     print("READY", os.getpid(), flush=True)
     if cfg.get("barrier"):
@@ -204,7 +284,7 @@ def main(cfg: dict) -> int:
     status["status"] = "ran"
     if cfg.get("barrier"):
         _write_json(os.path.join(ledger, f"status-r{run:04d}.json"), status)
-    final = {"completed": nbmplock.is_mp_lock_completed(items, out),
+    final = {"completed": nbmplock.is_mp_lock_completed(items, out, key=key_option(kind)),
              "violations": save.violations,
              "results": result if isinstance(result, list) else None}
     _write_json(os.path.join(ledger, f"final-r{run:04d}.json"), final)

@@ -4,13 +4,16 @@ Every argument of ``mp_lock``, ``mp_lock_value``, ``mp_lock_batch`` and ``Job``
 with wrong types and values. Each must raise :class:`nbmplock.InvalidArgumentsError`
 (also a ``ValueError``) whose message is ``Invalid <argument>. Expected values: ...``,
 before anything is written: the ``out_path`` directory is not even created.
-Then the documented behaviour of the legal-but-odd inputs: duplicate items,
+Items without a stable key and bad ``key=`` (issue 15) too, each also given to an
+existing run directory, which must stay byte for byte as it was. Then the
+documented behaviour of the legal-but-odd inputs: duplicate items,
 a missing parent directory, and functions that cannot be serialised under
 ``spawn``.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
@@ -123,6 +126,8 @@ CASES = [
     ("data_list", [1, 2, lambda: 3], APIS, "index 2 is a function"),
     ("data_list", [(1, object())], APIS, "holding a object"),
     ("data_list", ["a"] * 999 + [Opaque()], APIS, "index 999 is a Opaque"),
+    ("data_list", [{"id": 1, "f": print}], APIS, "index 0 is a dict ({'id': 1, 'f': "),
+    ("data_list", [1, 2, 3, Opaque], APIS, "index 3 is a type"),
     ("process", None, APIS, "got NoneType"),
     ("process", 5, APIS, "got int"),
     ("process", "ok_process", APIS, "got str"),
@@ -177,6 +182,19 @@ CASES = [
     ("key", "", APIS, "got str"),
     ("on_change", "ignore", APIS, "got 'ignore'"),
 ]
+
+
+try:
+    import numpy
+except ImportError:  # numpy is not a dependency: its cases run where it is installed
+    numpy = None
+if numpy is not None:
+    CASES += [
+        ("data_list", [numpy.arange(3)], APIS, "index 0 is a ndarray"),
+        ("data_list", [1, 2, numpy.float64(1.5), numpy.arange(2)], APIS,
+         "index 3 is a ndarray"),
+        ("data_list", [{"id": "a", "vector": numpy.zeros(2)}], APIS, "holding a ndarray"),
+    ]
 
 
 def _ids(case):
@@ -392,6 +410,14 @@ def test_a_coroutine_or_generator_returned_at_run_time_is_a_failure_not_done(tmp
 
 # -- keys (issue 15) ------------------------------------------------------------
 
+def _raises_half_way(item):
+    if item["n"] >= 2:
+        raise ValueError(f"no key for {item['n']}")
+    return str(item["n"])
+
+
+Record = collections.namedtuple("Record", "id value")
+
 KEY_CASES = [
     # items, key, words
     ([{"id": "a"}, {"id": "a", "x": 1}], "id", "the items at index 0"),
@@ -399,6 +425,23 @@ KEY_CASES = [
     ([{"id": "a"}], lambda r: 7, "it returned a int"),
     ([{"id": "a"}, {"name": "b"}], "id", "it raised KeyError"),
     (["a", "b"], lambda s: "same", "the same key 'same'"),
+    # colliding keys: both positions named, however far apart
+    ([{"id": str(i), "n": i} for i in range(1000)] + [{"id": "3", "n": -1}], "id",
+     "the items at index 3 ({'id': '3', 'n': 3}) and 1000 ({'id': '3', 'n': -1}) have "
+     "the same key '3'"),
+    ([Record("r1", 1), Record("r2", 2), Record("r1", 3)], "id",
+     "the items at index 0 (Record(id='r1', value=1)) and 2 (Record(id='r1', value=3))"),
+    ([(1, "a"), (2, "a")], lambda t: t[1], "the items at index 0 ((1, 'a')) and 1"),
+    # a key= that raises, on the first item or half way through the list
+    ([{"n": i} for i in range(5)], _raises_half_way,
+     "it raised ValueError: no key for 2 on the item at index 2"),
+    ([Record("r1", 1)], "missing_field", "it raised AttributeError"),
+    ([[1, 2]], "id", "it raised AttributeError"),
+    # a key= that returns something else than a str
+    ([{"id": 1}], "id", "it returned a int (1) for the item at index 0"),
+    ([{"id": "a"}, {"id": None}], "id", "it returned a NoneType (None) for the item at index 1"),
+    (["a"], lambda s: s.encode(), "it returned a bytes (b'a')"),
+    ([Record(("x", 1), 1)], "id", "it returned a tuple"),
 ]
 
 
@@ -416,13 +459,57 @@ def test_bad_keys_are_refused_before_anything_is_written(tmp_path, api, case):
     FIGURES.add("bad_inputs_refused")
 
 
+def _files(root: Path) -> dict:
+    """Every file and folder under ``root``: its bytes (None for a folder) and mode."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes(), p.stat().st_mode)
+            for p in sorted(root.rglob("*"))}
+
+
+def recording(item, shared_data, init_values):
+    fd = os.open(shared_data["ledger"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(fd, (repr(item) + "\n").encode())
+    os.close(fd)
+    return repr(item)
+
+
+def recording_batch(items, shared_data, init_values):
+    return [recording(i, shared_data, init_values) for i in items]
+
+
+# (name, arguments): every bad input of issue 15, each given to an existing run directory
+UNTOUCHED = [
+    ("object()", lambda: dict(data_list=["a", object()])),
+    ("lambda", lambda: dict(data_list=["a", lambda: 1])),
+    ("numpy array", lambda: dict(data_list=["a", pytest.importorskip("numpy").arange(3)])),
+    ("colliding keys", lambda: dict(data_list=[{"id": "a"}, {"id": "a", "x": 1}], key="id")),
+    ("key= raising", lambda: dict(data_list=[{"id": "a"}, {"n": 1}], key="id")),
+    ("key= returning an int", lambda: dict(data_list=[{"id": 1}], key="id")),
+    ("key= function returning None", lambda: dict(data_list=["a"], key=lambda s: None)),
+    ("empty generator", lambda: dict(data_list=EMPTY_GEN.make())),
+    ("generator raising half way", lambda: dict(data_list=_broken())),
+    ("generator of unkeyable items", lambda: dict(data_list=(object() for _ in range(3)))),
+]
+
+
 @pytest.mark.timeout(60)
-def test_bad_input_leaves_an_existing_run_directory_untouched(tmp_path):
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("name,bad", UNTOUCHED, ids=[n for n, _ in UNTOUCHED])
+def test_bad_input_leaves_an_existing_run_directory_untouched(tmp_path, api, name, bad):
+    """Refused before any work: no item runs, and the run directory (a finished run)
+    is byte for byte what it was, lock file and modes included."""
     out = tmp_path / "out"
-    nbmplock.mp_lock(["a", "b"], ok_process, None, 1, str(out), verbose=False)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    for bad in (dict(data_list=[object()]), dict(data_list=EMPTY_GEN.make()),
-                dict(data_list=_broken()), dict(data_list=[{"id": 1}], key="id")):
-        with pytest.raises(nbmplock.InvalidArgumentsError):
-            call("mp_lock", out, **bad)
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    ledger = tmp_path / "ledger"
+    shared = {"ledger": str(ledger)}
+    summary = nbmplock.mp_lock(["a", "b", "c"], recording,
+                               None, 1, str(out), verbose=False, shared_data=shared)
+    assert summary.done == 3
+    ledger.unlink()
+    before = _files(out)
+    process = recording_batch if api == "mp_lock_batch" else recording
+    with pytest.raises(nbmplock.InvalidArgumentsError) as info:
+        call(api, out, process=process, shared_data=shared, **bad())
+    assert info.value.argument in ("data_list", "key"), info.value
+    assert str(info.value).startswith(f"Invalid {info.value.argument}. Expected values: ")
+    assert _files(out) == before, f"{name}: {api} changed the run directory"
+    assert not ledger.exists(), f"{name}: {api} ran an item before refusing"
+    FIGURES.add("bad_inputs_refused")

@@ -1,7 +1,10 @@
 """Issue 6, item 1: SIGKILL the driving process at random instants, resume, check every item.
 
 A driver subprocess runs ``mp_lock`` / ``mp_lock_value`` with a ``save_callback``
-over a few thousand awkward ``str`` items. The test SIGKILLs it at random
+over a few thousand awkward ``str`` items, and (issue 15) over items of every other
+kind: ints, dicts, tuples, paths, named tuples, keyed by nbmplock's encoding or by
+``key=`` (a field name, a function). Items are compared by their *label* (a ``str``,
+:func:`driver.label`), done-sets by key mapped back to labels. The test SIGKILLs it at random
 instants (seeded), reads the done-set right after each kill, resumes, and when
 a phase finally completes checks the promise of PRODUCT.md "Resume":
 
@@ -31,6 +34,7 @@ import pytest
 
 import nbmplock
 from nbmplock import _engine, _read, _store
+from nbmplock._keys import compute_keys
 
 from . import driver
 from .helpers import FIGURES, Driver, Ledger, descendants, own_children, wait_gone
@@ -71,13 +75,18 @@ def _kill_delay(rng) -> float:
 RUN_END_BOUND = 120.0
 
 
+#: Seconds a worker started just before a kill may take to notice it and end (a
+#: spawned one first starts its interpreter, seconds on a loaded 2-core machine).
+LATE_CHILD_BOUND = 10.0
+
+
 def run_phase(root: Path, index: int, phase: dict, rng, max_kills: int) -> dict:
     """Kill and resume one phase until it completes; check it; return its figures."""
     out = root / f"phase{index}" / "out"
     ledger_dir = root / f"phase{index}" / "ledger"
     ledger_dir.mkdir(parents=True)
     tag = f"p{index}-"
-    items = driver.make_items(phase["n_items"], tag)
+    items = driver.make_items(phase["n_items"], tag, phase.get("kind", "str"))
     cfg = dict(phase, out=str(out), ledger=str(ledger_dir), tag=tag)
     done_after: dict[int, set] = {}      # run -> done-set read right after its kill
     run = 0
@@ -95,13 +104,16 @@ def run_phase(root: Path, index: int, phase: dict, rng, max_kills: int) -> dict:
                     kills += 1
                     # workers die with their parent (PR_SET_PDEATHSIG); none may go on
                     left = wait_gone(workers_seen, timeout=3)
-                    left += [p for p in own_children() if p not in left]
+                    # a worker started an instant before the kill (not seen above; under
+                    # spawn, one still starting its interpreter) must end by itself too
+                    left += wait_gone([p for p in own_children() if p not in left],
+                                      timeout=LATE_CHILD_BOUND)
                     if left:
                         _describe(left)  # where it waits, for the report
                         _kill_all(left)
                     assert not left, f"workers {left} outlived the SIGKILLed driver (run {run})"
                     torn_tails += _check_store_after_kill(out, run)
-                    done_after[run] = set(_read.read_contents(str(out)).done) \
+                    done_after[run] = done_labels(out, items, phase) \
                         if out.exists() else set()
                     run += 1
                     continue
@@ -155,10 +167,22 @@ def _check_store_after_kill(out: Path, run: int) -> int:
     return int(snap.torn_bytes > 0)
 
 
+def done_labels(out: Path, items: list, phase: dict) -> set:
+    """The labels of the items of ``items`` recorded done in ``out``; every key
+    recorded done must be the key of one of them."""
+    keys = compute_keys(items, driver.key_option(phase.get("kind", "str")))
+    by_key = dict(zip(keys, map(driver.label, items)))
+    done = _read.read_contents(str(out)).done
+    stray = [k for k in done if k not in by_key]
+    assert not stray, f"keys recorded done that are no item's: {stray[:5]}"
+    return {by_key[k] for k in done}
+
+
 def _check_phase(out: Path, ledger: Ledger, items: list, phase: dict,
                  done_after: dict[int, set], final_run: int) -> dict:
     bound = in_flight_bound(phase)
-    item_set = set(items)
+    key = driver.key_option(phase.get("kind", "str"))
+    item_set = set(map(driver.label, items))
     # a SIGKILL can tear at most the line being written at that instant
     assert ledger.torn_lines <= len(done_after), ledger.torn_lines
     # Everything the final run reported.
@@ -169,7 +193,7 @@ def _check_phase(out: Path, ledger: Ledger, items: list, phase: dict,
         assert final["results"] == [driver.expected_result(i) for i in items]
     snap = nbmplock.read_snapshot(str(out))
     assert snap.torn_bytes == 0 and snap.holder_pid is None
-    done_final = _read.read_contents(str(out)).done
+    done_final = done_labels(out, items, phase)
     lost = item_set - done_final
     unsaved = item_set - set(ledger.all_saved())
     FIGURES.add("items_lost", len(lost | unsaved))
@@ -177,7 +201,7 @@ def _check_phase(out: Path, ledger: Ledger, items: list, phase: dict,
     assert not unsaved, f"{len(unsaved)} items never saved: {sorted(unsaved)[:5]}"
     wrong = [i for i in item_set if ledger.saved_results[i] != driver.expected_result(i)]
     assert not wrong, f"wrong results saved for {wrong[:5]}"
-    assert nbmplock.is_mp_lock_completed(items, str(out))
+    assert nbmplock.is_mp_lock_completed(items, str(out), key=key)
 
     # Kill by kill.
     in_flight_at: dict[int, set] = {}
@@ -224,10 +248,21 @@ def _check_phase(out: Path, ledger: Ledger, items: list, phase: dict,
         values = nbmplock.mp_lock_value(items, driver.process, None, phase["workers"],
                                         str(out), shared_data=shared,
                                         init_function=driver.init, verbose=False,
-                                        chunk_size=phase["chunk_size"])
+                                        chunk_size=phase["chunk_size"], key=key)
+        # a serial map (process returns expected_result(item))
         assert values == [driver.expected_result(i) for i in items]
         assert not list(ledger.path.glob(f"processed-r{final_run + 1:04d}-*")), \
             "mp_lock_value on a completed run processed items again"
+    elif phase.get("kind", "str") != "str":
+        # mp_lock with a save_callback kept no values: mp_lock_value computes them
+        # again (issue 17), equal to a serial map, and the run stays complete
+        shared = {"ledger": str(ledger.path), "run": final_run + 1, "work_ms": [0.0, 0.0]}
+        values = nbmplock.mp_lock_value(items, driver.process, None, phase["workers"],
+                                        str(out), shared_data=shared,
+                                        init_function=driver.init, verbose=False,
+                                        chunk_size=phase["chunk_size"], key=key)
+        assert values == [driver.expected_result(i) for i in items]
+        assert nbmplock.is_mp_lock_completed(items, str(out), key=key)
     return dict(max_in_flight=max_in_flight, bound=bound, duplicates=duplicates)
 
 
@@ -259,6 +294,36 @@ def kill_loop(tmp_path: Path, rng, seed, min_kills: int, max_kills_per_phase: in
 @pytest.mark.timeout(240)
 def test_kill_loop(tmp_path, rng, seed):
     kill_loop(tmp_path, rng, seed, min_kills=40, max_kills_per_phase=10, budget_s=200)
+
+
+#: Item kinds other than str (driver.KINDS), each through one phase of kills.
+KINDS = [k for k in driver.KINDS if k != "str"]
+
+
+KIND_RUNS = [(kind, None) for kind in KINDS] + [
+    # under spawn, the items' classes (a named tuple, an object in a dict) and the key
+    # function live in the driver's __main__, re-imported by every worker
+    ("namedtuple", "spawn"), ("dict-key=field", "spawn"), ("tuple-key=callable", "spawn")]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind,start_method", KIND_RUNS,
+                         ids=[k + (f"-{m}" if m else "") for k, m in KIND_RUNS])
+def test_kill_loop_with_items_of_every_kind(tmp_path, rng, seed, kind, start_method):
+    """Issue 15: the same promises with ints, dicts, tuples, paths, named tuples, and
+    with key= (a field name, a function): nothing lost, only items in flight at a kill
+    repeated, mp_lock_value equal to a serial map."""
+    index = KIND_RUNS.index((kind, start_method))
+    phase = dict(PHASES[index % len(PHASES)], kind=kind, start_method=start_method,
+                 n_items=min(PHASES[index % len(PHASES)]["n_items"], 1200))
+    print(f"kind {kind}: seed {seed}, {phase}")
+    figures = run_phase(tmp_path, index, phase, rng, max_kills=6)
+    print(f"kind {kind}: {figures}")
+    assert figures["kills"] >= 1, "no run was killed: the phase proves nothing"
+    FIGURES.add("kills_survived", figures["kills"])
+    FIGURES.add("kill_loop_items", phase["n_items"])
+    FIGURES.add("kill_loop_duplicates", figures["duplicates"])
+    FIGURES.add("faults_injected", figures["kills"])
 
 
 @pytest.mark.soak
@@ -407,3 +472,49 @@ def test_kill_during_log_compaction(tmp_path, rng):
     FIGURES.add("kills_survived", reps)
     FIGURES.add("kills_during_compaction", mid_compaction)
     FIGURES.add("faults_injected", reps)
+
+
+@pytest.mark.timeout(120)
+def test_a_release_0_1_0_run_directory_resumes_through_kills(tmp_path, rng):
+    """Issue 15: a run directory written by the release before keys (27 of 50 ``str``
+    items done, 3 failed: tests/data/release-0.1.0-run) resumed with a longer list
+    through SIGKILLs: its done items never run again, every other one runs, and
+    ``mp_lock_value`` returns its stored values next to the new ones."""
+    out = tmp_path / "out"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "release-0.1.0-run", out)
+    old = [f"old-{i:02d}" for i in range(50)]
+    old_done = {i for i in old[:30] if not i.endswith("7")}
+    assert _read.read_contents(str(out)).done == old_done
+    items = old + driver.make_items(1500, "new-")
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir()
+    cfg = dict(api="value", workers=2, chunk_size=4, save_batch=7, out=str(out),
+               ledger=str(ledger_dir), items=items, n_items=len(items))
+    run = kills = 0
+    while True:
+        proc = Driver(dict(cfg, run=run), ledger_dir)
+        try:
+            proc.wait_ready()
+            rc = proc.wait(_kill_delay(rng)) if kills < 5 else proc.finish(RUN_END_BOUND)
+            if rc is None:
+                proc.kill()
+                kills += 1
+                assert wait_gone(own_children(), timeout=3) == []
+                done = _read.read_contents(str(out)).done
+                assert old_done <= done, f"kill {kills} lost a done item of the old release"
+                run += 1
+                continue
+            assert rc == 0, proc.stderr()
+            break
+        finally:
+            proc.close()
+    ledger = Ledger(ledger_dir)
+    ran = set(ledger.all_processed())
+    assert not ran & old_done, f"done by the old release, run again: {sorted(ran & old_done)}"
+    assert ran == set(items) - old_done
+    final = ledger.final(run)
+    assert final["completed"] is True
+    stored = {i: i.upper() for i in old_done}  # what the release's function returned
+    assert final["results"] == [stored.get(i) or driver.expected_result(i) for i in items]
+    FIGURES.add("kills_survived", kills)
+    FIGURES.add("faults_injected", kills)

@@ -8,7 +8,9 @@ nothing, and ``python -m nbmplock repair`` keeps every readable record.
 Here a real run builds the log, then it is cut at, and separately has a byte
 flipped at, every offset of its last record (a sample for the big failure
 record), and each damaged copy is resumed for real: it must open, lose exactly
-the torn record's items (and run exactly those again) and complete. Damage to
+the torn record's items (and run exactly those again) and complete. The torn
+last records are tried with items of every kind too (issue 15: ints, dicts,
+tuples, paths, named tuples, and ``key=``), by a sample of offsets. Damage to
 ``job.json``, ``output.log`` and ``lock`` must never stop a resume.
 """
 
@@ -19,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,30 +29,64 @@ import pytest
 import nbmplock
 from nbmplock import _log as log_format
 from nbmplock import _read
+from nbmplock._keys import compute_keys
 
+from . import driver
 from .helpers import FIGURES, REPO
 
 BAD = "bad item"
 
 
-def work(item: str, shared: dict, init_values) -> str:
-    """Log the item to the ledger named in shared_data, print a line, return a value."""
+def work(item, shared: dict, init_values) -> str:
+    """Log the item's label to the ledger named in shared_data, print a line, return a value."""
+    name = driver.label(item)
     fd = os.open(shared["ledger"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, (json.dumps(item) + "\n").encode())
+        os.write(fd, (json.dumps(name) + "\n").encode())
     finally:
         os.close(fd)
-    print(f"working on {item!r}")
-    if item == BAD:
+    print(f"working on {name!r}")
+    if name == shared.get("bad", BAD):
         raise ValueError("this item always fails")
-    return f"<{item}>"
+    return f"<{name}>"
+
+
+ITEMS = [f"t{i:03d}" for i in range(20)] + ["", "a\nb", "ü 🙂", "NL\x01\x01 fake header"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """The items of one kind (driver.KINDS: str, ints, dicts, ... and key=), and the
+    item that always fails."""
+
+    kind: str
+    items: list
+    bad: object
+
+    @property
+    def key(self):
+        return driver.key_option(self.kind)
+
+    def labels(self, items=None) -> list[str]:
+        return [driver.label(i) for i in (self.items if items is None else items)]
+
+    def expected(self, items=None) -> list:
+        bad = driver.label(self.bad)
+        return [None if n == bad else f"<{n}>" for n in self.labels(items)]
+
+
+def case_of(kind: str) -> Case:
+    make = driver.KINDS[kind][0]
+    return Case(kind, [make(i, s) for i, s in enumerate(ITEMS)], make(len(ITEMS), BAD))
+
+
+#: Every kind of item the torn-record tests also run with (issue 15).
+KINDS = list(driver.KINDS)
+STR = case_of("str")
 
 
 def expected(items):
     return [None if i == BAD else f"<{i}>" for i in items]
-
-
-ITEMS = [f"t{i:03d}" for i in range(20)] + ["", "a\nb", "ü 🙂", "NL\x01\x01 fake header"]
 
 
 def processed(ledger: Path) -> list[str]:
@@ -71,13 +108,14 @@ def records(out: Path) -> list[tuple[int, int, int]]:
     return found
 
 
-def run(items, out: Path, ledger: Path, **kw):
+def run(items, out: Path, ledger: Path, case: Case = STR, **kw):
     return nbmplock.mp_lock_value(items, work, None, 1, str(out), verbose=False,
-                                  shared_data={"ledger": str(ledger)}, chunk_size=1, **kw)
+                                  shared_data={"ledger": str(ledger),
+                                               "bad": driver.label(case.bad)},
+                                  chunk_size=1, key=case.key, **kw)
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
+def build_bases(root: Path, case: Case) -> dict:
     """Run directories built by real runs, each ending with a different kind of record.
 
     ``complete``: a finished run (its LIST and RUN records, 24 SPAN records,
@@ -85,21 +123,50 @@ def bases(tmp_path_factory):
     ``done``: the same cut before the END record (a crash just before it);
     ``fail``: a run cut after its last FAIL record (before its END record).
     """
-    root = tmp_path_factory.mktemp("bases")
+    items = case.items
     complete = root / "complete"
-    assert run(ITEMS, complete, root / "l1") == expected(ITEMS)
+    assert run(items, complete, root / "l1", case) == case.expected()
     recs = records(complete)
     assert [k for _, _, k in recs] == ([log_format._LIST, log_format._RUN]
-                                       + [log_format._SPAN] * len(ITEMS)
+                                       + [log_format._SPAN] * len(items)
                                        + [log_format._END, log_format._COMPLETE])
     done = _copy(complete, root / "done")
     os.truncate(_log(done), recs[-2][0])
     fail = root / "fail"
-    assert run(ITEMS + [BAD], fail, root / "l2", errors="record") == expected(ITEMS + [BAD])
+    with_bad = items + [case.bad]
+    assert run(with_bad, fail, root / "l2", case, errors="record") == case.expected(with_bad)
     recs = records(fail)
     assert [k for _, _, k in recs[-2:]] == [log_format._FAIL, log_format._END]
     os.truncate(_log(fail), recs[-1][0])
     return {"complete": complete, "done": done, "fail": fail}
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """The run directories of ``str`` items (see :func:`build_bases`)."""
+    return build_bases(tmp_path_factory.mktemp("bases"), STR)
+
+
+@pytest.fixture(scope="module")
+def kind_bases(tmp_path_factory):
+    """``kind -> (Case, bases)``, built on first use."""
+    built: dict = {}
+
+    def get(kind: str):
+        if kind not in built:
+            case = case_of(kind)
+            built[kind] = case, build_bases(tmp_path_factory.mktemp(f"bases-{kind}"), case)
+        return built[kind]
+    return get
+
+
+def offsets_to_try(start: int, end: int, kind: str, rng) -> list[int]:
+    """Every offset of the record for str items; for the other kinds (the same records
+    with other keys) its header, a sample of the rest and its last byte."""
+    if kind == "str":
+        return list(range(start, end))
+    return sorted(set(range(start, min(end, start + log_format._HEADER.size + 2)))
+                  | set(rng.sample(range(start, end), min(8, end - start))) | {end - 1})
 
 
 def _copy(base: Path, dest: Path) -> Path:
@@ -124,22 +191,25 @@ def _damage(path: Path, offset: int, how: str) -> None:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_torn_last_done_record_every_offset(bases, tmp_path, how):
+@pytest.mark.parametrize("kind", KINDS)
+def test_torn_last_done_record_every_offset(kind_bases, tmp_path, rng, kind, how):
+    case, bases = kind_bases(kind)
+    items = case.items
     base = bases["done"]
     start, end, _ = records(base)[-1]
-    last_item = ITEMS[-1]
+    last = driver.label(items[-1])
     tried = 0
-    for offset in range(start, end):
+    for offset in offsets_to_try(start, end, kind, rng):
         out = _copy(base, tmp_path / f"o{offset}")
         _damage(_log(out), offset, how)
         snap = nbmplock.read_snapshot(str(out))
         torn = (offset - start) if how == "truncate" else (end - start)
-        assert (snap.done, snap.torn_bytes) == (len(ITEMS) - 1, torn), (offset, snap)
+        assert (snap.done, snap.torn_bytes) == (len(items) - 1, torn), (offset, snap)
         ledger = tmp_path / f"l{offset}"
-        assert run(ITEMS, out, ledger) == expected(ITEMS), offset
-        assert processed(ledger) == [last_item], (offset, processed(ledger))
+        assert run(items, out, ledger, case) == case.expected(), offset
+        assert processed(ledger) == [last], (offset, processed(ledger))
         snap = nbmplock.read_snapshot(str(out))
-        assert (snap.done, snap.torn_bytes) == (len(ITEMS), 0)
+        assert (snap.done, snap.torn_bytes) == (len(items), 0)
         shutil.rmtree(out)
         tried += 1
     FIGURES.add("offsets_tried", tried)
@@ -148,21 +218,24 @@ def test_torn_last_done_record_every_offset(bases, tmp_path, how):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_torn_complete_mark_every_offset(bases, tmp_path, how):
+@pytest.mark.parametrize("kind", KINDS)
+def test_torn_complete_mark_every_offset(kind_bases, tmp_path, rng, kind, how):
     """The COMPLETE mark ending a finished run, torn: still finished, nothing runs again."""
+    case, bases = kind_bases(kind)
+    items = case.items
     base = bases["complete"]
     start, end, _ = records(base)[-1]
     tried = 0
-    for offset in range(start, end):
+    for offset in offsets_to_try(start, end, kind, rng):
         out = _copy(base, tmp_path / f"o{offset}")
         _damage(_log(out), offset, how)
         assert _read.read_complete(str(out)) is None
         snap = nbmplock.read_snapshot(str(out))
         torn = (offset - start) if how == "truncate" else (end - start)
-        assert (snap.done, snap.torn_bytes) == (len(ITEMS), torn), (offset, snap)
-        assert nbmplock.is_mp_lock_completed(ITEMS, str(out))
+        assert (snap.done, snap.torn_bytes) == (len(items), torn), (offset, snap)
+        assert nbmplock.is_mp_lock_completed(items, str(out), key=case.key)
         ledger = tmp_path / f"l{offset}"
-        assert run(ITEMS, out, ledger) == expected(ITEMS), offset
+        assert run(items, out, ledger, case) == case.expected(), offset
         assert processed(ledger) == [], offset
         assert _read.read_complete(str(out)) is not None
         assert nbmplock.read_snapshot(str(out)).torn_bytes == 0
@@ -174,24 +247,30 @@ def test_torn_complete_mark_every_offset(bases, tmp_path, how):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_torn_last_fail_record(bases, tmp_path, rng, how):
+@pytest.mark.parametrize("kind", KINDS)
+def test_torn_last_fail_record(kind_bases, tmp_path, rng, kind, how):
     """The failure record (a traceback: ~1-2 KB): its header bytes and a sample of the rest."""
+    case, bases = kind_bases(kind)
     base = bases["fail"]
     start, end, _ = records(base)[-1]
+    n_sample = 40 if kind == "str" else 8
     offsets = sorted(set(range(start, start + log_format._HEADER.size + 2))
-                     | set(rng.sample(range(start, end), min(40, end - start))) | {end - 1})
-    items = ITEMS + [BAD]
+                     | set(rng.sample(range(start, end), min(n_sample, end - start)))
+                     | {end - 1})
+    items = case.items + [case.bad]
+    bad = driver.label(case.bad)
+    bad_key = compute_keys([case.bad], case.key)[0]
     for offset in offsets:
         out = _copy(base, tmp_path / f"o{offset}")
         _damage(_log(out), offset, how)
         snap = nbmplock.read_snapshot(str(out))
-        assert snap.done == len(ITEMS) and snap.failures == (), (offset, snap)
+        assert snap.done == len(case.items) and snap.failures == (), (offset, snap)
         assert snap.torn_bytes == ((offset - start) if how == "truncate" else (end - start))
         ledger = tmp_path / f"l{offset}"
-        assert run(items, out, ledger, errors="record") == expected(items)
-        assert processed(ledger) == [BAD]  # failures are not done: retried on resume
+        assert run(items, out, ledger, case, errors="record") == case.expected(items)
+        assert processed(ledger) == [bad]  # failures are not done: retried on resume
         snap = nbmplock.read_snapshot(str(out))
-        assert snap.torn_bytes == 0 and [f.item for f in snap.failures] == [BAD]
+        assert snap.torn_bytes == 0 and [f.key for f in snap.failures] == [bad_key]
         # the torn record was ignored: this is the failure's first recorded attempt
         assert snap.failures[0].attempts == 1 and snap.failures[0].kind == "exception"
         shutil.rmtree(out)
