@@ -11,7 +11,10 @@ a message, so that a crash or a timeout is blamed on the exact unit of work:
 ``SLOT_CHUNK`` (the chunk being run), ``SLOT_UNIT`` (the index of the unit
 being run, -1 between units), ``SLOT_STARTED`` (its start, ``time.monotonic``)
 and ``SLOT_GIVE_BACK`` (set by the parent to a chunk's id: return it after the
-current unit).
+current unit). A worker with ``concurrency`` N runs N *lanes* (threads), each
+with its own four doubles (lane ``i`` at ``SLOT_SIZE * i``), followed by one
+more: the worker's *drain* flag (set by the parent: every lane hands back the
+chunks it takes, undone; see ``item_timeout`` in :mod:`nbmplock._engine`).
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from ._errors import FailureKind
 exiting = threading.Event()
 
 SLOT_CHUNK, SLOT_UNIT, SLOT_STARTED, SLOT_GIVE_BACK = range(4)
+SLOT_SIZE = 4
 
 
-def new_slot() -> list[float]:
-    """A slot's initial values: no chunk, no unit running, nothing asked back."""
-    return [0.0, -1.0, 0.0, -1.0]
+def new_slot(lanes: int = 1) -> list[float]:
+    """A slot's initial values: no chunk, no unit running, nothing asked back
+    (per lane; with more than one lane, then the drain flag, not set)."""
+    return [0.0, -1.0, 0.0, -1.0] * lanes + ([0.0] if lanes > 1 else [])
 
 
 class LossKind(str, enum.Enum):
@@ -140,7 +145,9 @@ class ChunksLost:
     """A worker died or was killed holding ``chunks``.
 
     ``blame`` is ``(chunk, pos)`` for the unit of work that was running (it
-    fails); every other item of the chunks simply goes back to the queue.
+    fails); ``also_blamed`` the other units running at the same time in the
+    worker's other lanes (``concurrency`` > 1), which fail too; every other
+    item of the chunks simply goes back to the queue.
     """
 
     chunks: list[Chunk]
@@ -151,6 +158,12 @@ class ChunksLost:
     pid: int | None = None
     exitcode: int | None = None
     seconds: float | None = None
+    also_blamed: tuple = ()
+
+    @property
+    def blamed(self) -> list:
+        """Every ``(chunk, pos)`` blamed."""
+        return ([self.blame] if self.blame is not None else []) + list(self.also_blamed)
 
 
 @dataclass(frozen=True)
@@ -181,6 +194,8 @@ class Backend(Protocol):
     which gives the optional members their defaults."""
 
     workers: int
+    #: Items that may run at once: ``workers`` x ``concurrency``.
+    lanes: int
     #: Items per chunk are capped at about this many bytes.
     max_task_bytes: int
     #: Seconds of work a chunk aims at; None: the runner's default.
@@ -226,6 +241,10 @@ class BackendBase:
 
     max_task_bytes: int = 4 << 20
     target_chunk_seconds: float | None = None
+
+    @property
+    def lanes(self) -> int:
+        return self.workers * getattr(self, "concurrency", 1)
 
     def give_back(self) -> bool:
         return False  # tasks that cannot be cut (Dask)

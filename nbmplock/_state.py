@@ -132,6 +132,7 @@ class Tally:
     in_flight: int = 0
     started: float = field(default_factory=time.monotonic)
     in_flight_by_worker: tuple[tuple[str, int], ...] = ()
+    retrying: int = 0  # failed items waiting for their retry (retry_delay, retry_after)
 
     def add(self, **deltas: int) -> Tally:
         """A copy with ``deltas`` added to the named counts."""
