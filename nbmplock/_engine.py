@@ -23,8 +23,8 @@ chunks can be long enough that their round trips cost nothing measurable.
 
 ``concurrency`` N > 1: each worker runs N lanes (threads; an ``async def``
 process runs on the worker's event loop, one coroutine per lane) and holds up
-to ``N + N // 2`` chunks (:meth:`LocalBackend._capacity`), each lane with its
-own slot. A dead worker fails every unit its lanes were running (which of them
+to N chunks, of one unit each unless ``chunk_size`` says otherwise
+(:meth:`LocalBackend._capacity`), each lane with its own slot. A dead worker fails every unit its lanes were running (which of them
 killed it cannot be told; with one running, it alone) and requeues the rest.
 ``item_timeout`` with threads: a thread cannot be killed, so the worker is
 *drained* (its drain flag: lanes hand back every chunk they take, undone; the
@@ -191,10 +191,11 @@ class LocalBackend(BackendBase):
 
     @property
     def _capacity(self) -> int:
-        """Chunks a worker holds: one running and one queued per lane (one lane),
-        or a running one per lane and half as many again queued (N lanes)."""
+        """Chunks a worker holds: one running and one queued (one lane), or one
+        per lane (N lanes): then a SIGKILL loses (runs again) at most N items per
+        worker, and a lane that finishes waits one round trip for its next item."""
         n = self.concurrency
-        return PREFETCH if n == 1 else n + max(1, n // 2)
+        return PREFETCH if n == 1 else n
 
     @property
     def max_task_bytes(self) -> int:
