@@ -83,11 +83,6 @@ class RateLimit:
         self.rate = rate
         self.path = path
         self.burst = burst
-        self._fd: int | None = None
-        self._pid: int | None = None
-        self._turn: threading.Lock | None = None
-        self._guard = threading.Lock()
-        self.waited = 0.0  # seconds this process's threads spent waiting for tokens
 
     @classmethod
     def create(cls, rate: float) -> RateLimit:
@@ -99,7 +94,13 @@ class RateLimit:
         return cls(rate, path)
 
     def remove(self) -> None:
-        self._close()
+        with _opened_lock:
+            opened = _opened.pop(self.path, None)
+        if opened is not None and opened[0] == os.getpid():
+            try:
+                os.close(opened[1])
+            except OSError:
+                pass
         try:
             os.unlink(self.path)
         except OSError:
@@ -111,22 +112,21 @@ class RateLimit:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["rate"], state["path"], state["burst"])
 
-    def _open(self) -> int:
-        # After a fork the inherited descriptor and locks are the parent's: open our own.
-        with self._guard:
-            if self._fd is None or self._pid != os.getpid():
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                self._pid = os.getpid()
-                self._turn = threading.Lock()
-            return self._fd
+    def _open(self) -> tuple[int, threading.Lock]:
+        """This process's descriptor of the file and its threads' turn lock.
 
-    def _close(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-        self._fd = None
+        One pair per process and file, whatever the number of ``RateLimit``
+        copies (a Dask worker unpickles one per task): ``lockf`` does not
+        exclude the threads of one process, the turn lock does. After a fork
+        the inherited pair is the parent's: the child opens its own.
+        """
+        pid = os.getpid()
+        with _opened_lock:
+            opened = _opened.get(self.path)
+            if opened is None or opened[0] != pid:
+                opened = _opened[self.path] = (
+                    pid, os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), threading.Lock())
+        return opened[1], opened[2]
 
     def _try(self, fd: int, n: int) -> float:
         """Take ``n`` tokens if allowed now (returns 0.0), else the seconds to wait."""
@@ -151,9 +151,7 @@ class RateLimit:
         the bucket and releases it before returning; every wait is at most
         :data:`POLL` long and re-checks ``cancelled`` after it.
         """
-        fd = self._open()
-        turn = self._turn
-        began = time.monotonic()
+        fd, turn = self._open()
         while not turn.acquire(timeout=POLL):
             if cancelled():
                 return False
@@ -167,4 +165,8 @@ class RateLimit:
                 time.sleep(min(wait, POLL))
         finally:
             turn.release()
-            self.waited += time.monotonic() - began
+
+
+#: path -> (pid, descriptor, turn lock) of this process (see RateLimit._open).
+_opened: dict[str, tuple[int, int, threading.Lock]] = {}
+_opened_lock = threading.Lock()

@@ -255,7 +255,9 @@ class Runner:
                                                self._limit)
         # With lanes, a chunk is one unit: a SIGKILLed driver loses (runs again)
         # only the items running at that instant, as the API promises.
-        fixed = self.opts.chunk_size or (self._unit if self.opts.concurrency > 1 else None)
+        # (A Dask task runs its items ``concurrency`` at a time itself.)
+        lanes = self.opts.concurrency > 1 and self.opts.backend is None
+        fixed = self.opts.chunk_size or (self._unit if lanes else None)
         self._sizer = ChunkSizer(unit=self._unit, fixed=fixed,
                                  items_cap=int(backend.max_task_bytes / self._avg_item_bytes),
                                  target=backend.target_chunk_seconds)

@@ -308,6 +308,7 @@ class EventLoop:
             coro = (guarded if timeout is not None else fn)(item, shared_data, init_values)
             return self.run(coro)
 
+        call.on_event_loop = True  # item_timeout is kept by the loop: no watchdog
         return call
 
 

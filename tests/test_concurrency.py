@@ -165,6 +165,33 @@ def test_init_values_are_per_process_shared_by_its_threads(tmp_path, ledger):
     assert Counter(open(ledger["inits"]).read().split()) == Counter(map(str, by_pid))
 
 
+class AsyncCallable:
+    def __init__(self, suffix):
+        self.suffix = suffix
+
+    async def __call__(self, item, shared, init_values):
+        await asyncio.sleep(0)
+        return f"{item}{self.suffix}{init_values['n']}"
+
+
+async def async_init_n(shared):
+    return {"n": 7}
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_async_callable_object_and_async_init_under_each_start_method(tmp_path, start_method):
+    import functools
+    out = nbmplock.mp_lock_value(["a", "b", "c"], AsyncCallable("!"), None, 2,
+                                 str(tmp_path / "r"), init_function=async_init_n,
+                                 start_method=start_method, concurrency=2, verbose=False)
+    assert out == ["a!7", "b!7", "c!7"]
+    part = functools.partial(AsyncCallable("?").__call__)
+    out = nbmplock.mp_lock_value(["d"], part, None, 1, str(tmp_path / "r2"),
+                                 init_function=async_init_n, start_method=start_method,
+                                 verbose=False)
+    assert out == ["d?7"]
+
+
 def gen_process(item, shared, init_values):
     yield item
 
