@@ -258,7 +258,8 @@ class Runner:
         # (A Dask task runs its items ``concurrency`` at a time itself.)
         lanes = self.opts.concurrency > 1 and self.opts.backend is None
         fixed = self.opts.chunk_size or (self._unit if lanes else None)
-        self._sizer = ChunkSizer(unit=self._unit, fixed=fixed,
+        least = self._unit * self.opts.concurrency if self.opts.backend is not None else None
+        self._sizer = ChunkSizer(unit=self._unit, fixed=fixed, least=least,
                                  items_cap=int(backend.max_task_bytes / self._avg_item_bytes),
                                  target=backend.target_chunk_seconds)
         backend.start()

@@ -29,6 +29,14 @@ worker can take the rest.
 
 stdout and stderr (file descriptors 1 and 2) are a pipe the parent reads, so
 output of ``print``, of C extensions and of a dying interpreter is kept.
+
+``concurrency`` N > 1 (:func:`_serve_lanes`): the main thread reads tasks and
+N *lanes* (threads) run them, one chunk each at a time, each with its own
+slot; ``"chunk"`` messages then come back in the order chunks finish, not the
+order they were sent. ``init_function`` runs once per process, before any
+lane starts: its ``init_values`` are shared by the lanes. An ``async def``
+``process`` or ``init_function`` runs on one event loop per process
+(:class:`EventLoop`), each lane awaiting one coroutine at a time.
 """
 
 from __future__ import annotations
