@@ -347,8 +347,16 @@ def test_an_item_waiting_for_its_retry_holds_no_worker(tmp_path, ledger):
     shared = dict(ledger, after=2.0)
     items = list(range(0, 40, 2))[:1] + [1, 3, 5, 7, 9, 11, 13, 17, 19, 21]
     began = time.monotonic()
-    job = run_job(items, flaky, tmp_path / "run", num_procs=1, concurrency=1,
-                  max_retries=1, shared_data=shared)
+    job = nbmplock.Job(items, flaky, str(tmp_path / "run"), num_procs=1, concurrency=1,
+                       max_retries=1, shared_data=shared)
+    job.start()
+    seen = set()
+    while job.state.active and time.monotonic() - began < 30:
+        seen.add(job.progress.retrying)
+        time.sleep(0.02)
+    wait_job(job, 30)
+    assert 1 in seen, "progress.retrying counts the item waiting for its retry"
+    assert "waiting to retry" in job.status_text() or job.progress.retrying == 0
     rows = read_ledger(shared["ledger"])
     firsts = {r[0]: r[1] for r in reversed(rows)}
     # item 0 waits 2 s; the ten others (one lane!) ran meanwhile
@@ -385,7 +393,7 @@ def test_rate_limit_is_shared_smooth_and_never_above_rate_plus_one(tmp_path, led
     began = time.monotonic()
     job = run_job(items, stamp, tmp_path / "run", num_procs=procs, concurrency=lanes,
                   rate_limit="20/s", shared_data=ledger)
-    assert job.progress.done == 60
+    assert job.progress.done == 60 and not job.progress.throttled  # ended: not throttled
     starts = sorted(r[1] for r in read_ledger(ledger["ledger"]))
     span = starts[-1] - starts[0]
     assert 59 / 20 * 0.97 <= span <= 59 / 20 * 1.1, span
