@@ -42,6 +42,35 @@ def new_slot(lanes: int = 1) -> list[float]:
     return [0.0, -1.0, 0.0, -1.0] * lanes + ([0.0] if lanes > 1 else [])
 
 
+def running_units(slot, lanes: int, chunks: dict) -> list[tuple[int, Chunk, int, float]]:
+    """``(lane, chunk, unit index, started)`` of each unit a worker's lanes run now,
+    read from its slot; ``chunks`` maps the ids of the chunks it holds to them."""
+    found = []
+    for lane in range(lanes):
+        base = SLOT_SIZE * lane
+        unit = slot[base + SLOT_UNIT]
+        if unit >= 0:
+            chunk = chunks.get(int(slot[base + SLOT_CHUNK]))
+            if chunk is not None:
+                found.append((lane, chunk, int(unit), slot[base + SLOT_STARTED]))
+    return found
+
+
+def set_drain(slot, lanes: int, on: bool) -> None:
+    """Set (or clear) a worker's drain flag: its lanes hand back every chunk they
+    take, and each lane's running chunk returns after its current unit.
+
+    Invariant: the flag is written before each lane's give-back, so a lane that
+    moves on to a new chunk after its give-back was written reads the flag and
+    hands that chunk back too.
+    """
+    slot[SLOT_SIZE * lanes] = 1.0 if on else 0.0
+    if on:
+        for lane in range(lanes):
+            base = SLOT_SIZE * lane
+            slot[base + SLOT_GIVE_BACK] = slot[base + SLOT_CHUNK]
+
+
 class LossKind(str, enum.Enum):
     """Why a worker lost the chunks it held."""
 

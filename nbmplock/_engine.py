@@ -53,9 +53,9 @@ import multiprocess
 from multiprocess.connection import wait as mp_wait
 
 from . import _worker
-from ._backend import (SLOT_CHUNK, SLOT_GIVE_BACK, SLOT_SIZE, SLOT_STARTED, SLOT_UNIT,
-                       BackendBase, Chunk, ChunkDone, ChunksLost, Fatal, InitFailed, LossKind,
-                       WorkerOutput, WorkPayload, exiting, new_slot)
+from ._backend import (SLOT_CHUNK, SLOT_GIVE_BACK, SLOT_UNIT, BackendBase, Chunk, ChunkDone,
+                       ChunksLost, Fatal, InitFailed, LossKind, WorkerOutput, WorkPayload,
+                       exiting, new_slot, running_units, set_drain)
 from ._errors import WorkerDiedError
 from ._wire import dumps, serialize_functions
 
@@ -240,15 +240,7 @@ class LocalBackend(BackendBase):
 
     def _running(self, w: _Worker) -> list[tuple[int, Chunk, int, float]]:
         """``(lane, chunk, unit index, started)`` of each unit ``w``'s lanes run now."""
-        slot, found = w.slot, []
-        for lane in range(self.concurrency):
-            base = SLOT_SIZE * lane
-            unit = slot[base + SLOT_UNIT]
-            if unit >= 0:
-                chunk = w.chunks.get(int(slot[base + SLOT_CHUNK]))
-                if chunk is not None:
-                    found.append((lane, chunk, int(unit), slot[base + SLOT_STARTED]))
-        return found
+        return running_units(w.slot, self.concurrency, w.chunks)
 
     def submit(self, chunk: Chunk) -> None:
         worker = min((w for w in self._workers.values() if self._accepts(w)),
@@ -505,33 +497,20 @@ class LocalBackend(BackendBase):
                     self._lost(worker, events, kind=LossKind.TIMEOUT, message=message)
                 continue
             if late and worker.drain_until is None:
-                self._drain(worker, now)
+                worker.drain_until = now + self._timeout
+                set_drain(worker.slot, self.concurrency, True)
             if worker.drain_until is None:
                 continue
             held_by_late = {chunk.id for lane, chunk, _, _ in self._running(worker)
                             if lane in late}
             if not late:  # the late items finished after all: back to work
                 worker.drain_until = None
-                worker.slot[SLOT_SIZE * self.concurrency] = 0.0
+                set_drain(worker.slot, self.concurrency, False)
             elif set(worker.chunks) <= held_by_late or now >= worker.drain_until:
                 _kill(worker.process)
                 self._lost(worker, events, kind=LossKind.TIMEOUT, blame_lanes=late,
                            message=message + (f" (once its other {self.concurrency - 1} lanes "
                                               "had handed back their items)"))
-
-    def _drain(self, worker: _Worker, now: float) -> None:
-        """Lanes: ask ``worker`` to hand back every chunk but those it runs now.
-
-        Invariant: the drain flag is set before each lane's give-back, so a
-        lane that moves on to a new chunk after its give-back was written
-        reads the flag and hands that chunk back too.
-        """
-        worker.drain_until = now + self._timeout
-        slot = worker.slot
-        slot[SLOT_SIZE * self.concurrency] = 1.0
-        for lane in range(self.concurrency):
-            base = SLOT_SIZE * lane
-            slot[base + SLOT_GIVE_BACK] = slot[base + SLOT_CHUNK]
 
     def kill(self) -> list:
         """Forced stop: SIGKILL every worker; their chunks come back as lost."""

@@ -24,7 +24,6 @@ failure.
 from __future__ import annotations
 
 import bisect
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
