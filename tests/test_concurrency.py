@@ -431,3 +431,15 @@ def test_rate_limit_take_is_cancelled_at_once_and_survives_a_killed_holder(tmp_p
     finally:
         limit.remove()
     assert not os.path.exists(limit.path)
+
+
+def test_the_panel_says_when_items_wait_to_retry_and_the_limit_sets_the_pace():
+    pytest.importorskip("ipywidgets")
+    from nbmplock._panel import timing_text
+    from nbmplock._state import JobState, Progress
+
+    p = Progress(100, 10, 0, 0, 8, (), 19.5, 1.0, 4.6, JobState.RUNNING, 3, True)
+    text = timing_text(p)
+    assert "held to the rate limit" in text and "3 waiting to retry" in text
+    plain = Progress(100, 10, 0, 0, 8, (), 19.5, 1.0, 4.6, JobState.RUNNING)
+    assert "rate limit" not in timing_text(plain) and "retry" not in timing_text(plain)
