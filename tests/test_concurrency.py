@@ -23,6 +23,9 @@ from nbmplock._retry import RetryPolicy, retry_after
 
 from .helpers import join_or_dump, wait_job
 
+#: A hang fails within two minutes; pytest-timeout prints every thread's stack.
+pytestmark = pytest.mark.timeout(120)
+
 
 def _ledger_line(shared, item, start, end) -> None:
     line = f"{item} {start:.6f} {end:.6f} {os.getpid()} {threading.get_ident()}\n"
