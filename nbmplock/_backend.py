@@ -11,7 +11,10 @@ a message, so that a crash or a timeout is blamed on the exact unit of work:
 ``SLOT_CHUNK`` (the chunk being run), ``SLOT_UNIT`` (the index of the unit
 being run, -1 between units), ``SLOT_STARTED`` (its start, ``time.monotonic``)
 and ``SLOT_GIVE_BACK`` (set by the parent to a chunk's id: return it after the
-current unit).
+current unit). A worker with ``concurrency`` N runs N *lanes* (threads), each
+with its own four doubles (lane ``i`` at ``SLOT_SIZE * i``), followed by one
+more: the worker's *drain* flag (set by the parent: every lane hands back the
+chunks it takes, undone; see ``item_timeout`` in :mod:`nbmplock._engine`).
 """
 
 from __future__ import annotations
@@ -30,11 +33,42 @@ from ._errors import FailureKind
 exiting = threading.Event()
 
 SLOT_CHUNK, SLOT_UNIT, SLOT_STARTED, SLOT_GIVE_BACK = range(4)
+SLOT_SIZE = 4
 
 
-def new_slot() -> list[float]:
-    """A slot's initial values: no chunk, no unit running, nothing asked back."""
-    return [0.0, -1.0, 0.0, -1.0]
+def new_slot(lanes: int = 1) -> list[float]:
+    """A slot's initial values: no chunk, no unit running, nothing asked back
+    (per lane; with more than one lane, then the drain flag, not set)."""
+    return [0.0, -1.0, 0.0, -1.0] * lanes + ([0.0] if lanes > 1 else [])
+
+
+def running_units(slot, lanes: int, chunks: dict) -> list[tuple[int, Chunk, int, float]]:
+    """``(lane, chunk, unit index, started)`` of each unit a worker's lanes run now,
+    read from its slot; ``chunks`` maps the ids of the chunks it holds to them."""
+    found = []
+    for lane in range(lanes):
+        base = SLOT_SIZE * lane
+        unit = slot[base + SLOT_UNIT]
+        if unit >= 0:
+            chunk = chunks.get(int(slot[base + SLOT_CHUNK]))
+            if chunk is not None:
+                found.append((lane, chunk, int(unit), slot[base + SLOT_STARTED]))
+    return found
+
+
+def set_drain(slot, lanes: int, on: bool) -> None:
+    """Set (or clear) a worker's drain flag: its lanes hand back every chunk they
+    take, and each lane's running chunk returns after its current unit.
+
+    Invariant: the flag is written before each lane's give-back, so a lane that
+    moves on to a new chunk after its give-back was written reads the flag and
+    hands that chunk back too.
+    """
+    slot[SLOT_SIZE * lanes] = 1.0 if on else 0.0
+    if on:
+        for lane in range(lanes):
+            base = SLOT_SIZE * lane
+            slot[base + SLOT_GIVE_BACK] = slot[base + SLOT_CHUNK]
 
 
 class LossKind(str, enum.Enum):
@@ -140,7 +174,9 @@ class ChunksLost:
     """A worker died or was killed holding ``chunks``.
 
     ``blame`` is ``(chunk, pos)`` for the unit of work that was running (it
-    fails); every other item of the chunks simply goes back to the queue.
+    fails); ``also_blamed`` the other units running at the same time in the
+    worker's other lanes (``concurrency`` > 1), which fail too; every other
+    item of the chunks simply goes back to the queue.
     """
 
     chunks: list[Chunk]
@@ -151,6 +187,12 @@ class ChunksLost:
     pid: int | None = None
     exitcode: int | None = None
     seconds: float | None = None
+    also_blamed: tuple = ()
+
+    @property
+    def blamed(self) -> list:
+        """Every ``(chunk, pos)`` blamed."""
+        return ([self.blame] if self.blame is not None else []) + list(self.also_blamed)
 
 
 @dataclass(frozen=True)
@@ -181,6 +223,8 @@ class Backend(Protocol):
     which gives the optional members their defaults."""
 
     workers: int
+    #: Items that may run at once: ``workers`` x ``concurrency``.
+    lanes: int
     #: Items per chunk are capped at about this many bytes.
     max_task_bytes: int
     #: Seconds of work a chunk aims at; None: the runner's default.
@@ -226,6 +270,10 @@ class BackendBase:
 
     max_task_bytes: int = 4 << 20
     target_chunk_seconds: float | None = None
+
+    @property
+    def lanes(self) -> int:
+        return self.workers * getattr(self, "concurrency", 1)
 
     def give_back(self) -> bool:
         return False  # tasks that cannot be cut (Dask)

@@ -148,6 +148,15 @@ class DaskBackend(BackendBase):
         the cluster, re-read as it grows or shrinks.
     item_timeout
         Seconds; best effort, see the module docstring.
+    concurrency
+        Items of one task in flight at once on its worker (threads of the
+        task, or coroutines on the worker process's event loop).
+    limit
+        The job's :class:`~nbmplock._ratelimit.RateLimit`: a file on the
+        driver's machine. Workers on that machine share it with each other;
+        a worker on another machine opens a file of that name on its own
+        machine, so each machine keeps the limit on its own (pass
+        ``rate_limit`` divided by the number of machines).
 
     Examples
     --------
@@ -164,7 +173,7 @@ class DaskBackend(BackendBase):
     target_chunk_seconds = 0.2
 
     def __init__(self, payload: WorkPayload, backend, *, workers: int | None = None,
-                 item_timeout: float | None = None):
+                 item_timeout: float | None = None, concurrency: int = 1, limit=None):
         self._dd = require("distributed")
         self._payload = payload
         self._target = backend
@@ -173,6 +182,8 @@ class DaskBackend(BackendBase):
         self._fixed_workers = workers
         self.workers = workers or 1
         self._timeout = item_timeout
+        self.concurrency = concurrency  # items of a task in flight at once on its worker
+        self._limit = limit  # the job's RateLimit (one machine; see _ratelimit)
         self._token = uuid.uuid4().hex
         self._stop_name = f"nbmplock-stop-{self._token}"
         self._payload_name = ""  # PAYLOAD_PREFIX, the client's id, "-", the token
@@ -228,6 +239,11 @@ class DaskBackend(BackendBase):
         self._event = dd.Event(self._stop_name, client=client)
         self._apply_size(n_workers, threads, time.monotonic())
 
+    @property
+    def lanes(self) -> int:
+        """Tasks run at once (each runs ``concurrency`` of its items at once itself)."""
+        return self.workers
+
     def free_slots(self) -> int:
         if self._stopping:
             return 0
@@ -238,7 +254,7 @@ class DaskBackend(BackendBase):
         blob = pickle.dumps(chunk.items, protocol=pickle.HIGHEST_PROTOCOL)  # opaque to Dask
         future = self._client.submit(run_task, self._payload_name, self._token,
                                      self._stop_name, blob, self._want_results,
-                                     self._timeout, key=key)
+                                     self._timeout, self.concurrency, self._limit, key=key)
         self._chunks[key] = (chunk, future)
         self._items_in_flight += len(chunk)
         future.add_done_callback(self._done.put)

@@ -60,7 +60,7 @@ _STOPPED_KEEP = 1024
 _local = threading.local()
 
 
-def _job(token: str, payload_name: str) -> _JobCache:
+def _job(token: str, payload_name: str, item_timeout: float | None = None) -> _JobCache:
     """This process's cache entry of the run; loads and initialises it the first time.
 
     The caller holds it (``active``) until :func:`_release`. A new run evicts the
@@ -89,8 +89,10 @@ def _job(token: str, payload_name: str) -> _JobCache:
             try:
                 if fetch_error is not None:
                     raise fetch_error
-                process, init_function, shared_data, batch_size = dill.loads(blob)
-                init_values = init_function(shared_data) if init_function is not None else {}
+                # init_function once per process (awaited on the process's event
+                # loop when async); an async process runs on that loop.
+                process, shared_data, init_values, batch_size = _worker.initialise(
+                    dill.loads(blob), item_timeout)
             except BaseException as exc:  # noqa: BLE001 - reported to the driver
                 job.error = describe_exception(exc)
             else:
@@ -314,8 +316,57 @@ def _with_timeout(process, seconds: float, step: int):
     return guarded, timed_out
 
 
+def _run_lanes(items, process, job: _JobCache, stop_flag, limit, lanes: int) -> tuple:
+    """``concurrency`` > 1: the task's units on ``lanes`` threads, taken in order.
+
+    Returns what :func:`nbmplock._worker.run_chunk` returns for the whole list.
+    Units are taken in order and every unit taken is run (or found not run
+    when a stop came first); ``n_run`` is the length of the prefix that ran.
+    After a stop, units that ran beyond a unit that did not are not reported
+    (they run again on resume; at most ``lanes - 1`` of them).
+    """
+    step = job.batch_size or 1
+    units = [items[i:i + step] for i in range(0, len(items), step)]
+    outcome: list = [None] * len(units)
+    lock = threading.Lock()
+    cursor = 0
+    capture = getattr(_local, "capture", None)
+    began = time.perf_counter()
+
+    def lane() -> None:
+        nonlocal cursor
+        _local.capture = capture  # the task's output, from its lanes too
+        while True:
+            with lock:
+                index = cursor
+                cursor += 1
+            if index >= len(units):
+                return
+            outcome[index] = _worker.run_chunk(units[index], process, job.shared_data,
+                                               job.init_values, job.batch_size, new_slot(),
+                                               stop_flag, True, limit)
+            if outcome[index][0] == 0:
+                return  # stopped before it started
+
+    threads = [threading.Thread(target=lane, name=f"nbmplock-dask-lane{i}", daemon=True)
+               for i in range(min(lanes, len(units)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    n_run, results, failures = 0, [], []
+    for index, got in enumerate(outcome):
+        if got is None or got[0] < len(units[index]):
+            break
+        ran, unit_results, unit_failures, _ = got
+        failures += [f._replace(pos=f.pos + n_run) for f in unit_failures]
+        results += unit_results
+        n_run += ran
+    return n_run, results, failures, time.perf_counter() - began
+
+
 def run_task(payload_name: str, token: str, stop_name: str, blob: bytes, want_results: bool,
-              item_timeout: float | None) -> tuple:
+             item_timeout: float | None, concurrency: int = 1, limit=None) -> tuple:
     """One chunk on a Dask worker: ``(label, output, kind, body)``.
 
     ``kind`` is ``"chunk"`` (``body`` is the pickled message of
@@ -330,17 +381,24 @@ def run_task(payload_name: str, token: str, stop_name: str, blob: bytes, want_re
     capture = _local.capture = _Capture()
     job = None
     try:
-        job = _job(token, payload_name)
+        job = _job(token, payload_name, item_timeout)
         if job.error is not None:
             return label, capture.text(), "init_error", job.error
         items = pickle.loads(blob)
         slot = new_slot()  # nobody asks a Dask task to give work back
         process, timed_out = job.process, None
-        if item_timeout is not None:
+        # An async process is cancelled on its loop (see _worker.EventLoop).
+        if item_timeout is not None and not getattr(process, "on_event_loop", False):
             process, timed_out = _with_timeout(job.process, item_timeout, job.batch_size or 1)
-        n_run, results, failures, seconds = _worker.run_chunk(
-            items, process, job.shared_data, job.init_values, job.batch_size, slot,
-            _StopFlag(token, stop_name))
+            if concurrency > 1:
+                timed_out = None  # positions are per lane: the error's type says it
+        if concurrency > 1:
+            n_run, results, failures, seconds = _run_lanes(
+                items, process, job, _StopFlag(token, stop_name), limit, concurrency)
+        else:
+            n_run, results, failures, seconds = _worker.run_chunk(
+                items, process, job.shared_data, job.init_values, job.batch_size, slot,
+                _StopFlag(token, stop_name), True, limit)
     finally:
         _local.capture = None
         if job is not None:
@@ -348,6 +406,9 @@ def run_task(payload_name: str, token: str, stop_name: str, blob: bytes, want_re
     if timed_out:
         failures = [f._replace(kind=FailureKind.TIMEOUT) if f.pos in timed_out else f
                     for f in failures]
+    elif item_timeout is not None:  # lanes: an interrupted item raised ItemTimeoutError
+        failures = [f._replace(kind=FailureKind.TIMEOUT) if f.exc_type == "ItemTimeoutError"
+                    else f for f in failures]
     results = results if want_results else None
     msg = ("chunk", 0, n_run, results, failures, seconds)
     try:

@@ -44,8 +44,10 @@ class ChunkSizer:
     """
 
     def __init__(self, *, unit: int, fixed: int | None, items_cap: int,
-                 target: float | None = None):
+                 target: float | None = None, least: int | None = None):
         self.unit = unit
+        #: The smallest chunk: ``concurrency`` units when a task runs that many at once (Dask).
+        self.least = max(unit, least or unit)
         self.fixed = fixed
         self.items_cap = max(1, items_cap)
         self.target = target or TARGET_CHUNK_SECONDS
@@ -61,9 +63,9 @@ class ChunkSizer:
     def size(self, workers: int, remaining: int, saving_per_item: float | None = None) -> int:
         unit = self.unit
         if self.fixed:
-            size = self.fixed
-        elif self.per_item is None:
-            size = unit
+            return max(unit, self.fixed - self.fixed % unit)
+        if self.per_item is None:
+            size = self.least
         else:
             size = int(self.target / max(self.per_item, 1e-7))
             if self.result_bytes:  # about RESULT_CHUNK_BYTES of results per chunk
@@ -72,7 +74,7 @@ class ChunkSizer:
                 size = min(size, int(self.target / saving_per_item))
             size = min(size, MAX_CHUNK_ITEMS, self.items_cap,
                        max(unit, remaining // (2 * workers)))
-        return max(unit, size - size % unit)
+        return max(self.least, size - size % unit)
 
 
 class WorkQueue:

@@ -20,6 +20,20 @@ has not started to return that chunk after its current unit (the slot's ``SLOT_G
 rest comes back as a short ``ChunkDone`` and is dispatched again, to both. So
 a chunk of slow items never leaves the other workers idle at the end, and
 chunks can be long enough that their round trips cost nothing measurable.
+
+``concurrency`` N > 1: each worker runs N lanes (threads; an ``async def``
+process runs on the worker's event loop, one coroutine per lane) and holds up
+to N chunks, of one unit each unless ``chunk_size`` says otherwise
+(:meth:`LocalBackend._capacity`), each lane with its own slot. A dead worker fails every unit its lanes were running (which of them
+killed it cannot be told; with one running, it alone) and requeues the rest.
+``item_timeout`` with threads: a thread cannot be killed, so the worker is
+*drained* (its drain flag: lanes hand back every chunk they take, undone; the
+running items finish) and killed once it holds only the timed-out items, or
+after another ``item_timeout``; the timed-out items fail, the others go back to
+the queue undone, and a replacement starts. An ``async def`` item is cancelled
+by the worker itself (see :class:`nbmplock._worker.EventLoop`); the parent
+drains such a worker only if the loop does not get to cancel it within
+:data:`ASYNC_TIMEOUT_GRACE` seconds more (a blocking call inside the coroutine).
 """
 
 from __future__ import annotations
@@ -39,9 +53,9 @@ import multiprocess
 from multiprocess.connection import wait as mp_wait
 
 from . import _worker
-from ._backend import (SLOT_CHUNK, SLOT_GIVE_BACK, SLOT_STARTED, SLOT_UNIT, BackendBase, Chunk,
-                       ChunkDone, ChunksLost, Fatal, InitFailed, LossKind, WorkerOutput,
-                       WorkPayload, exiting, new_slot)
+from ._backend import (SLOT_CHUNK, SLOT_GIVE_BACK, SLOT_UNIT, BackendBase, Chunk, ChunkDone,
+                       ChunksLost, Fatal, InitFailed, LossKind, WorkerOutput, WorkPayload,
+                       exiting, new_slot, running_units, set_drain)
 from ._errors import WorkerDiedError
 from ._wire import dumps, serialize_functions
 
@@ -52,6 +66,9 @@ PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032
 MAX_START_DEATHS = 3
 _SHUTDOWN_GRACE = 2.0
+#: An async item the worker's loop failed to cancel after item_timeout: the parent
+#: drains and kills the worker this many seconds later.
+ASYNC_TIMEOUT_GRACE = 2.0
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -99,9 +116,10 @@ class _Worker:
     out: object        # parent's end of the stdout/stderr pipe
     slot: object
     room: int          # task pipe buffer size
-    chunks: deque = field(default_factory=deque)
-    queued: deque = field(default_factory=deque)  # task bytes per chunk in ``chunks``
+    chunks: dict = field(default_factory=dict)    # chunk id -> Chunk, in order sent
+    queued: dict = field(default_factory=dict)    # chunk id -> its task's bytes
     sending: bool = False
+    drain_until: float | None = None  # draining (item_timeout, lanes): kill it by then
     ready: bool = False
     partial: bytes = b""
     tail: deque = field(default_factory=lambda: deque(maxlen=15))  # last output lines
@@ -134,8 +152,12 @@ class LocalBackend(BackendBase):
 
     def __init__(self, payload: WorkPayload, *, workers: int, start_method: str | None,
                  item_timeout: float | None, close_fds: list[int],
-                 serialized: bytes | None = None):
+                 serialized: bytes | None = None, concurrency: int = 1, limit=None,
+                 asynchronous: bool = False):
         self.workers = workers
+        self.concurrency = concurrency
+        self._limit = limit
+        self._async = asynchronous
         self._ctx = multiprocess.get_context(start_method)
         self._fork = self._ctx.get_start_method() == "fork"
         # A forkserver's children have the forkserver as parent; it dies with us.
@@ -168,9 +190,17 @@ class LocalBackend(BackendBase):
             self._spawn(index)
 
     @property
+    def _capacity(self) -> int:
+        """Chunks a worker holds: one running and one queued (one lane), or one
+        per lane (N lanes): then a SIGKILL loses (runs again) at most N items per
+        worker, and a lane that finishes waits one round trip for its next item."""
+        n = self.concurrency
+        return PREFETCH if n == 1 else n
+
+    @property
     def max_task_bytes(self) -> int:
-        """Task size that always fits the task pipe with PREFETCH queued."""
-        return self._pipe_size // (PREFETCH + 1)
+        """Task size that always fits the task pipe with every chunk queued."""
+        return self._pipe_size // (self._capacity + 1)
 
     def _spawn(self, index: int) -> None:
         task_r, task_w = self._ctx.Pipe(duplex=False)
@@ -179,7 +209,7 @@ class LocalBackend(BackendBase):
         room = _grow_pipe(task_w.fileno())
         _grow_pipe(res_w.fileno())
         self._pipe_size = min(self._pipe_size, room)
-        slot = self._ctx.RawArray("d", new_slot())  # layout: see _backend
+        slot = self._ctx.RawArray("d", new_slot(self.concurrency))  # layout: see _backend
         close_fds = []
         if self._fork:  # what a forked child inherits and must not keep
             close_fds = [*self._close_fds, task_w.fileno(), res_r.fileno(), out_r.fileno(),
@@ -190,7 +220,7 @@ class LocalBackend(BackendBase):
             target=_worker.main, name=f"nbmplock-w{index}", daemon=True,
             args=(task_r, res_w, out_w, self._payload, slot, self._stop_flag,
                   close_fds, self._want_results, self._parent_pid, self._timeout is not None,
-                  self._items))
+                  self._items, self.concurrency, self._limit, self._timeout))
         proc.start()
         _own_group(proc.pid)
         for end in (task_r, res_w, out_w):
@@ -199,12 +229,18 @@ class LocalBackend(BackendBase):
         self._workers[index] = _Worker(index, proc, task_w, res_r, out_r, slot, room)
 
     def _accepts(self, w: _Worker) -> bool:
-        return w.ready and not w.sending and len(w.chunks) < PREFETCH
+        return (w.ready and not w.sending and w.drain_until is None
+                and len(w.chunks) < self._capacity)
 
     def free_slots(self) -> int:
         if self._stopping:
             return 0
-        return sum(PREFETCH - len(w.chunks) for w in self._workers.values() if self._accepts(w))
+        cap = self._capacity
+        return sum(cap - len(w.chunks) for w in self._workers.values() if self._accepts(w))
+
+    def _running(self, w: _Worker) -> list[tuple[int, Chunk, int, float]]:
+        """``(lane, chunk, unit index, started)`` of each unit ``w``'s lanes run now."""
+        return running_units(w.slot, self.concurrency, w.chunks)
 
     def submit(self, chunk: Chunk) -> None:
         worker = min((w for w in self._workers.values() if self._accepts(w)),
@@ -212,9 +248,9 @@ class LocalBackend(BackendBase):
         span = chunk.span
         sent = span if span is not None and self._items is not None else chunk.items
         data = dumps((chunk.id, sent))
-        worker.chunks.append(chunk)
-        worker.queued.append(len(data) + 8)
-        if sum(worker.queued) <= worker.room:
+        worker.chunks[chunk.id] = chunk
+        worker.queued[chunk.id] = len(data) + 8
+        if sum(worker.queued.values()) <= worker.room:
             _send(worker.tasks, data)
         else:  # too big for the room left: never block the manager thread on it
             worker.sending = True
@@ -240,13 +276,13 @@ class LocalBackend(BackendBase):
         chunk, which returns as soon as its worker reads it. One request at a
         time; returns whether one was made.
         """
-        if self._stopping or self._giving_back is not None:
-            return False
+        if self._stopping or self._giving_back is not None or self.concurrency > 1:
+            return False  # with lanes, chunks are one unit unless chunk_size says otherwise
         if not any(w.ready and not w.chunks for w in self._workers.values()):
             return False
         best, best_key = None, (False, 0)
         for w in self._workers.values():
-            for i, chunk in enumerate(w.chunks):
+            for i, chunk in enumerate(w.chunks.values()):
                 units = -(-len(chunk) // self._unit)
                 running = i == 0 and int(w.slot[SLOT_CHUNK]) == chunk.id
                 if i == 0 and not running:
@@ -267,7 +303,7 @@ class LocalBackend(BackendBase):
         return True
 
     def in_flight(self) -> dict[str, int]:
-        return {w.label: sum(len(c) for c in w.chunks) for w in self._workers.values()}
+        return {w.label: sum(len(c) for c in w.chunks.values()) for w in self._workers.values()}
 
     def wakeup(self) -> None:
         # Thread-safe. Invariant (no lost wake-up): the wake pipe is level-
@@ -290,11 +326,20 @@ class LocalBackend(BackendBase):
         self._stop_flag.value = 1
 
     # -- waiting ---------------------------------------------------------
-    def _timeout_in(self, now: float) -> float | None:
+    @property
+    def _limit_seconds(self) -> float | None:
+        """How long an item may run before the parent acts on it."""
         if self._timeout is None:
             return None
-        due = [w.slot[SLOT_STARTED] + self._timeout - now for w in self._workers.values()
-               if w.chunks and w.slot[SLOT_UNIT] >= 0]
+        return self._timeout + (ASYNC_TIMEOUT_GRACE if self._async else 0.0)
+
+    def _timeout_in(self, now: float) -> float | None:
+        limit = self._limit_seconds
+        if limit is None:
+            return None
+        due = [started + limit - now for w in self._workers.values() if w.chunks
+               for _, _, _, started in self._running(w)]
+        due += [w.drain_until - now for w in self._workers.values() if w.drain_until]
         return max(0.0, min(due)) if due else None
 
     def wait(self, timeout: float | None) -> list:
@@ -340,9 +385,8 @@ class LocalBackend(BackendBase):
         kind = msg[0]
         if kind == "chunk":
             _, chunk_id, n_run, _has_results, failures, seconds = msg
-            chunk = worker.chunks.popleft()
-            worker.queued.popleft()
-            assert chunk.id == chunk_id, (chunk.id, chunk_id)
+            chunk = worker.chunks.pop(chunk_id)
+            worker.queued.pop(chunk_id)
             if chunk.id == self._giving_back:
                 self._giving_back = None
             events.append(ChunkDone(chunk, n_run, failures, seconds, worker.label, blob))
@@ -370,7 +414,7 @@ class LocalBackend(BackendBase):
 
     # -- losing workers --------------------------------------------------
     def _lost(self, worker: _Worker, events: list, *, kind: LossKind,
-              message: str | None = None) -> None:
+              message: str | None = None, blame_lanes: set | None = None) -> None:
         """Account for a dead (or killed) worker and start its replacement.
 
         A worker ended by SIGTERM, SIGHUP or SIGQUIT was ended from outside
@@ -391,22 +435,31 @@ class LocalBackend(BackendBase):
             self._stopping = True
         blame = None
         seconds = None
-        if worker.chunks and worker.slot[SLOT_UNIT] >= 0 and int(worker.slot[SLOT_CHUNK]) == worker.chunks[0].id:
-            blame = (worker.chunks[0], int(worker.slot[SLOT_UNIT]) * self._unit)
+        running = self._running(worker)
+        if blame_lanes is not None:
+            running = [r for r in running if r[0] in blame_lanes]
+        blamed = [(chunk, unit * self._unit) for _, chunk, unit, _ in running]
+        if blamed:
+            blame = blamed[0]
             if self._timeout is not None:  # item start times are kept only then
-                seconds = time.monotonic() - worker.slot[SLOT_STARTED]
+                seconds = time.monotonic() - running[0][3]
+        if len(blamed) > 1 and kind is LossKind.DIED:
+            message = (f"{message or describe_exit(exitcode)}; {len(blamed)} items were "
+                       "running at once in this worker (concurrency), each is failed: which "
+                       "one killed it cannot be told")
         pid = worker.process.pid
-        if any(chunk.id == self._giving_back for chunk in worker.chunks):
+        if any(chunk.id == self._giving_back for chunk in worker.chunks.values()):
             self._giving_back = None
         self._close_worker(worker)
         del self._workers[worker.index]
         if message is None:
             message = describe_exit(exitcode)
         if kind is LossKind.TERMINATED:
-            blame = None
+            blame, blamed = None, []
         if worker.chunks or kind is not LossKind.DIED:
-            events.append(ChunksLost(list(worker.chunks), blame, kind, message, worker.label,
-                                     pid, exitcode, seconds))
+            events.append(ChunksLost(list(worker.chunks.values()), blame, kind, message,
+                                     worker.label, pid, exitcode, seconds,
+                                     tuple(blamed[1:])))
         if not worker.ready and kind is LossKind.DIED:
             self._start_deaths += 1
             if self._start_deaths >= MAX_START_DEATHS:
@@ -430,14 +483,34 @@ class LocalBackend(BackendBase):
 
     def _check_timeouts(self, events: list) -> None:
         now = time.monotonic()
+        limit = self._limit_seconds
+        message = (f"the item ran longer than item_timeout={self._timeout:g} s; its worker "
+                   "was killed and replaced")
         for worker in list(self._workers.values()):
-            if (worker.chunks and worker.slot[SLOT_UNIT] >= 0
-                    and int(worker.slot[SLOT_CHUNK]) == worker.chunks[0].id
-                    and now - worker.slot[SLOT_STARTED] > self._timeout):
+            if not worker.chunks:
+                continue
+            late = {lane for lane, _, _, started in self._running(worker)
+                    if now - started > limit}
+            if self.concurrency == 1:
+                if late:
+                    _kill(worker.process)
+                    self._lost(worker, events, kind=LossKind.TIMEOUT, message=message)
+                continue
+            if late and worker.drain_until is None:
+                worker.drain_until = now + self._timeout
+                set_drain(worker.slot, self.concurrency, True)
+            if worker.drain_until is None:
+                continue
+            held_by_late = {chunk.id for lane, chunk, _, _ in self._running(worker)
+                            if lane in late}
+            if not late:  # the late items finished after all: back to work
+                worker.drain_until = None
+                set_drain(worker.slot, self.concurrency, False)
+            elif set(worker.chunks) <= held_by_late or now >= worker.drain_until:
                 _kill(worker.process)
-                self._lost(worker, events, kind=LossKind.TIMEOUT,
-                           message=f"the item ran longer than item_timeout={self._timeout:g} s; "
-                                   "its worker was killed and replaced")
+                self._lost(worker, events, kind=LossKind.TIMEOUT, blame_lanes=late,
+                           message=message + (f" (once its other {self.concurrency - 1} lanes "
+                                              "had handed back their items)"))
 
     def kill(self) -> list:
         """Forced stop: SIGKILL every worker; their chunks come back as lost."""

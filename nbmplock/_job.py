@@ -41,6 +41,8 @@ log = logging.getLogger("nbmplock")
 OUTPUT_TAIL = 500
 _MISSING = object()
 _RATE_WINDOW = 10.0
+#: A run starting items at this share of its rate_limit or more is "held to the limit".
+THROTTLED_SHARE = 0.9
 #: How long the end of a run waits for its views to show the final state.
 _FLUSH_TIMEOUT = 5.0
 
@@ -354,8 +356,11 @@ class Job:
             rate = c.done / elapsed if elapsed > 0 else 0.0
         remaining = max(0, c.total - done - (c.failed if not state.active else 0))
         eta = remaining / rate if rate > 0 and state.active else None
+        limit = self.spec.options.rate_limit
+        throttled = bool(limit and state.active and rate >= THROTTLED_SHARE * limit)
         return Progress(c.total, done, c.done_before, c.failed, c.in_flight,
-                        c.in_flight_by_worker, rate, elapsed, eta, state)
+                        c.in_flight_by_worker, rate, elapsed, eta, state,
+                        c.retrying, throttled)
 
     @property
     def failures(self) -> tuple[Failure, ...]:
@@ -404,6 +409,10 @@ class Job:
             parts.append(f"{p.failed:,} failed")
         if p.in_flight:
             parts.append(f"{p.in_flight:,} in flight")
+        if p.retrying:
+            parts.append(f"{p.retrying:,} waiting to retry")
+        if p.throttled:
+            parts.append(f"held to rate_limit {self.spec.options.rate_limit:g}/s")
         if p.rate:
             parts.append(f"{p.rate:,.1f} items/s")
         if p.eta is not None:

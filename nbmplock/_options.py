@@ -19,6 +19,7 @@ from typing import Any
 
 from ._errors import InvalidArgumentsError
 from ._optional import require
+from ._ratelimit import parse_rate
 
 ERRORS_MODES = ("raise", "record")
 ON_CHANGE = ("warn", "error", "rerun")
@@ -96,6 +97,39 @@ def _key(name: str, value: object) -> Callable | str | None:
         return value
     raise InvalidArgumentsError(name, "None, a function of the item returning a str, or a "
                                 "field name (str)", f"got {type(value).__name__}")
+
+
+def _rate(name: str, value: object) -> float | None:
+    """``rate_limit``: items per second, from "600/min", "10/s", "3600/h" or a number."""
+    if value is None:
+        return None
+    try:
+        return parse_rate(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentsError(name, "None, a number of items per second > 0, or a "
+                                    "str such as '600/min', '10/s' or '3600/h'",
+                                    str(exc)) from None
+
+
+def _non_negative_seconds(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+            or not 0 <= value < float("inf")):
+        raise InvalidArgumentsError(name, "a number of seconds >= 0 or None", f"got {value!r}")
+    return float(value)
+
+
+def _exception_types(name: str, value: object) -> tuple | None:
+    """``retry_on``: None, an exception class, or a tuple/list of them (kept as a tuple)."""
+    if value is None:
+        return None
+    types = tuple(value) if isinstance(value, (tuple, list, set, frozenset)) else (value,)
+    if not types or not all(isinstance(t, type) and issubclass(t, BaseException)
+                            for t in types):
+        raise InvalidArgumentsError(name, "None, an exception class or a tuple of them",
+                                    f"got {value!r}")
+    return types
 
 
 def _bool_or_none(name: str, value: object) -> bool | None:
@@ -180,7 +214,28 @@ class Options:
              "replaced)")
     chunk_size: int | None = option(
         None, check=optional_positive_int, **count("--chunk-size"),
-        help="items sent to a worker at once (default: about 0.5 s of work, measured)")
+        help="items sent to a worker at once (default: about 0.5 s of work, measured; one "
+             "item when concurrency > 1)")
+    concurrency: int = option(
+        1, check=positive_int, **count("--concurrency"),
+        help="items in flight at once per worker process: a plain process runs on N "
+             "threads of the worker, an async def process on the worker's event loop, at "
+             "most N awaiting; init_values are shared by the threads (one per process)")
+    rate_limit: float | None = option(
+        None, check=_rate, flag="--rate-limit", metavar="RATE", flag_type=str,
+        help="items started per second, shared by every worker of the job: '600/min', "
+             "'10/s', '3600/h' or a number; smooth, no burst (starts spaced 1/rate apart)")
+    retry_delay: float | None = option(
+        None, check=_non_negative_seconds, flag="--retry-delay", metavar="SECONDS",
+        flag_type=float,
+        help="seconds before the first retry of a failed item; then doubling, with full "
+             "jitter, capped at 60 s; the item holds no worker while it waits (default: "
+             "retry at once)")
+    retry_on: tuple | None = option(
+        None, check=_exception_types, **named("--retry-on"),
+        help="exception types worth a retry (others fail at once); default: every failure "
+             "is retried up to max_retries times. An exception with a retry_after attribute "
+             "(seconds) waits at least that long")
     start_method: str | None = option(
         None, check=_one_of(*START_METHODS, none=True), flag="--start-method",
         choices=START_METHODS,

@@ -83,7 +83,12 @@ def _duration(seconds: float | None) -> str:
 
 def timing_text(progress: Progress) -> str:
     p = progress
-    return f"rate {p.rate:,.1f} items/s · elapsed {_duration(p.elapsed)} · ETA {_duration(p.eta)}"
+    text = f"rate {p.rate:,.1f} items/s · elapsed {_duration(p.elapsed)} · ETA {_duration(p.eta)}"
+    if p.throttled:
+        text += " · held to the rate limit"
+    if p.retrying:
+        text += f" · {p.retrying:,} waiting to retry"
+    return text
 
 
 def workers_text(progress: Progress) -> str:

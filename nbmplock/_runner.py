@@ -31,7 +31,9 @@ from ._errors import (FailureKind, ItemTimeoutError, RemoteTraceback, RunDirecto
 from ._fingerprint import Fingerprint, encode_keys, work_fingerprint
 from ._log import ranges_of
 from ._plan import make_plan
-from ._retry import RetryPolicy
+from ._ratelimit import RateLimit
+from ._retry import RetryPolicy, Waiting
+from ._worker import is_async
 from ._saver import Saver, abandoned_call
 from ._state import Outcome, Published, RunStatus, StopMode, Tally
 from ._read import read_fingerprint
@@ -59,17 +61,22 @@ _RECENT_OUTPUT = 40
 
 
 def make_backend(spec: Spec, payload: WorkPayload, store: RunStore, units: int,
-                 serialized: bytes | None) -> Backend:
+                 serialized: bytes | None, limit: RateLimit | None = None) -> Backend:
     """The backend ``spec.options`` asks for; no more local workers than ``units``."""
     opts = spec.options
     if opts.backend is not None:
         from ._dask import DaskBackend
         return DaskBackend(payload, opts.backend, workers=opts.num_procs,
-                           item_timeout=opts.item_timeout)
+                           item_timeout=opts.item_timeout, concurrency=opts.concurrency,
+                           limit=limit)
     from ._engine import LocalBackend
-    return LocalBackend(payload, workers=min(opts.num_procs or os.cpu_count() or 1, max(1, units)),
+    lanes = opts.concurrency
+    workers = min(opts.num_procs or os.cpu_count() or 1, max(1, -(-units // lanes)))
+    return LocalBackend(payload, workers=workers,
                         start_method=opts.start_method, item_timeout=opts.item_timeout,
-                        close_fds=store.private_fds(), serialized=serialized)
+                        close_fds=store.private_fds(), serialized=serialized,
+                        concurrency=lanes, limit=limit,
+                        asynchronous=is_async(spec.process))
 
 
 class Runner:
@@ -99,7 +106,11 @@ class Runner:
         self._unit = self.opts.batch_size or 1
         self._queue: WorkQueue | None = None
         self._sizer: ChunkSizer | None = None
-        self._retries = RetryPolicy(self.opts.max_retries)
+        self._retries = RetryPolicy(self.opts.max_retries, self.opts.retry_delay,
+                                    self.opts.retry_on)
+        self._waiting = Waiting()  # failed items waiting for their retry
+        self._limit: RateLimit | None = None
+        self._reason_cache: tuple | None = None
         self._chunk_ids = 0
         self._saver: Saver | None = None
         self._saved_seen = 0
@@ -242,9 +253,18 @@ class Runner:
         return RunStatus.FINISHED
 
     def _loop(self) -> None:
+        if self.opts.rate_limit is not None:
+            self._limit = RateLimit.create(self.opts.rate_limit)
         self._backend = backend = make_backend(self.spec, self._payload, self.store,
-                                               -(-self.to_do // self._unit), self._serialized)
-        self._sizer = ChunkSizer(unit=self._unit, fixed=self.opts.chunk_size,
+                                               -(-self.to_do // self._unit), self._serialized,
+                                               self._limit)
+        # With lanes, a chunk is one unit: a SIGKILLed driver loses (runs again)
+        # only the items running at that instant, as the API promises.
+        # (A Dask task runs its items ``concurrency`` at a time itself.)
+        lanes = self.opts.concurrency > 1 and self.opts.backend is None
+        fixed = self.opts.chunk_size or (self._unit if lanes else None)
+        least = self._unit * self.opts.concurrency if self.opts.backend is not None else None
+        self._sizer = ChunkSizer(unit=self._unit, fixed=fixed, least=least,
                                  items_cap=int(backend.max_task_bytes / self._avg_item_bytes),
                                  target=backend.target_chunk_seconds)
         backend.start()
@@ -260,15 +280,19 @@ class Runner:
                 self._begin_stop(request)  # also escalates a stop already begun
             self._collect_saves()
             if not self._stopping:
+                self._release_retries()
                 self._dispatch(backend)
-            if (self.tally.in_flight == 0 and (self._stopping or self._queue.exhausted)
-                    and self._saves_done()):
+            if (self.tally.in_flight == 0 and (self._stopping or (
+                    self._queue.exhausted and not len(self._waiting))) and self._saves_done()):
                 break
             now = time.monotonic()
             if now >= self._next_check:
                 self._next_check = now + PLACE_CHECK_INTERVAL
                 self.store.check_place()
             timeout = self._next_check - now
+            due = self._waiting.next_due()
+            if due is not None and not self._stopping:
+                timeout = min(timeout, max(0.0, due - now))
             due = self._publish_due(now)
             if due is not None:
                 timeout = min(timeout, due)
@@ -355,9 +379,17 @@ class Runner:
         return self._sizer.size(workers, self.to_do - self._queue.dispatched,
                                 saver.seconds_per_item if saver is not None else None)
 
+    def _release_retries(self) -> None:
+        """Failed items whose retry delay has passed go back to the work queue."""
+        due = self._waiting.take_due(time.monotonic())
+        if due:
+            self._queue.retry(due)
+            self.tally = self.tally.add(retrying=-len(due))
+            self._dirty = True
+
     def _dispatch(self, backend: Backend) -> None:
         saver = self._saver
-        workers = backend.workers
+        workers = backend.lanes
         while backend.free_slots() > 0:
             size = self._chunk_size(workers)
             # Back-pressure: finished results not yet saved stay below save_batch
@@ -441,18 +473,18 @@ class Runner:
             self.request_stop(StopMode.FORCE)
         blamed: set = set()
         rows = []
-        if ev.blame is not None and ev.kind in (LossKind.DIED, LossKind.TIMEOUT):
-            chunk, pos = ev.blame
-            timeout = ev.kind is LossKind.TIMEOUT
-            recent = self._recent_output.pop(ev.worker, ())
-            error = ItemError(pos, self._unit, "ItemTimeout" if timeout else "WorkerDied",
-                              ev.message,
-                              ("Last output of the worker:\n" + "\n".join(recent)) if recent
-                              else "", None, ev.seconds,
-                              FailureKind.TIMEOUT if timeout else FailureKind.DIED)
-            for position in chunk.positions[pos:pos + self._unit]:
-                blamed.add(position)
-                rows += self._item_failed(position, error, ev.pid, ev.exitcode)
+        if ev.kind in (LossKind.DIED, LossKind.TIMEOUT):
+            recent = self._recent_output.pop(ev.worker, ()) if ev.blamed else ()
+            for chunk, pos in ev.blamed:
+                timeout = ev.kind is LossKind.TIMEOUT
+                error = ItemError(pos, self._unit, "ItemTimeout" if timeout else "WorkerDied",
+                                  ev.message,
+                                  ("Last output of the worker:\n" + "\n".join(recent))
+                                  if recent else "", None, ev.seconds,
+                                  FailureKind.TIMEOUT if timeout else FailureKind.DIED)
+                for position in chunk.positions[pos:pos + self._unit]:
+                    blamed.add(position)
+                    rows += self._item_failed(position, error, ev.pid, ev.exitcode)
         self.store.record_failures(rows)
         for chunk in ev.chunks:
             self.tally = self.tally.add(in_flight=-len(chunk.positions))
@@ -465,8 +497,15 @@ class Runner:
         """Retry the item, or make its Failure (returned for one batched record)."""
         attempts = self._retries.failed(position)
         if self._retries.again(attempts) and not self._stopping:
-            self._queue.retry([position])
-            return []
+            reason = self._reason(error)
+            if self._retries.worth(reason):
+                delay = self._retries.delay(attempts, reason)
+                if delay > 0:  # it waits in the manager, holding no worker
+                    self._waiting.add(time.monotonic() + delay, position)
+                    self.tally = self.tally.add(retrying=1)
+                else:
+                    self._queue.retry([position])
+                return []
         key = self.spec.keys[position]
         prev = self.store.contents.failures.get(key)
         failure = Failure(self.spec.items[position], error.kind, error.exc_type, error.message,
@@ -479,6 +518,20 @@ class Runner:
         if self.opts.errors == "raise" and self._error is None:
             self._fail_run(self._exception_for(failure, error.blob))
         return [failure]
+
+    def _reason(self, error: ItemError) -> BaseException | None:
+        """What ``retry_on`` and ``retry_after`` look at: the item's exception (rebuilt
+        once per ``ItemError``), an ItemTimeoutError, or None for a dead worker."""
+        if error.kind is FailureKind.DIED:
+            return None
+        if error.kind is FailureKind.TIMEOUT:
+            return ItemTimeoutError(error.message)
+        cached = self._reason_cache
+        if cached is not None and cached[0] is error:
+            return cached[1]
+        exc = rebuild_exception(error.exc_type, error.message, error.traceback, error.blob)
+        self._reason_cache = (error, exc)
+        return exc
 
     def _exception_for(self, f: Failure, blob: bytes | None) -> BaseException:
         item = short_repr(f.item, 300)
@@ -557,7 +610,11 @@ class Runner:
                 if self._backend is not None:
                     for event in self._backend.shutdown() or ():
                         self._handle(event)
-                self.tally = replace(self.tally, in_flight=0, in_flight_by_worker=())
+                if self._limit is not None:
+                    self._limit.remove()
+                self._waiting.clear()  # not done, not failed: they run on resume
+                self.tally = replace(self.tally, in_flight=0, in_flight_by_worker=(),
+                                     retrying=0)
                 self._record_end()
             finally:
                 try:

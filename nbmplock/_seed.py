@@ -70,7 +70,11 @@ def mp_lock(data_list: Sequence[str], process: Callable, save_callback: Callable
     only what is not done runs. Options: ``errors`` ("raise" or "record"),
     ``max_retries``, ``item_timeout`` (seconds), ``chunk_size``,
     ``start_method`` ("fork", "spawn", "forkserver"), ``backend`` (a Dask
-    client or scheduler address).
+    client or scheduler address), ``concurrency`` (items in flight per worker:
+    threads, or an ``async def`` process on the worker's event loop),
+    ``rate_limit`` ("600/min", "10/s" or a number per second, shared by all
+    workers), ``retry_delay`` (seconds, doubling with jitter) and ``retry_on``
+    (exception types worth a retry).
 
     Returns a :class:`RunSummary`.
 

@@ -41,6 +41,10 @@ class Progress:
     elapsed: float
     eta: float | None
     state: JobState
+    #: Failed items waiting for their retry (``retry_delay``, ``retry_after``).
+    retrying: int = 0
+    #: The run starts items at about its ``rate_limit``: the limit, not the work, sets the pace.
+    throttled: bool = False
 
     def __repr__(self) -> str:
         eta = f"{self.eta:.0f} s" if self.eta is not None else "-"
@@ -136,6 +140,7 @@ class Tally:
     in_flight: int = 0
     started: float = field(default_factory=time.monotonic)
     in_flight_by_worker: tuple[tuple[str, int], ...] = ()
+    retrying: int = 0  # failed items waiting for their retry (retry_delay, retry_after)
 
     def add(self, **deltas: int) -> Tally:
         """A copy with ``deltas`` added to the named counts."""

@@ -96,15 +96,24 @@ def _lazy_kind(fn: object) -> str | None:
     return None
 
 
-def check_not_lazy(name: str, fn: object) -> None:
+def check_not_lazy(name: str, fn: object, *, allow_async: bool = False) -> None:
     """Refuse a function whose call only creates a coroutine or generator.
 
     Run as is, its body would never run, and every item would be recorded
-    done without having been processed.
+    done without having been processed. ``allow_async``: an ``async def``
+    is fine (``process`` and ``init_function``: the worker awaits it on its
+    event loop); generator functions never are.
     """
     if fn is None:
         return
     kind = _lazy_kind(fn)
+    if allow_async and kind == "an async def function":
+        return
+    if kind is not None and allow_async:
+        raise InvalidArgumentsError(
+            name, "a plain function or an async def function (not a generator)",
+            f"got {kind}; calling it returns a generator without running its body. "
+            "Return the result itself (collect a generator with list(...))")
     if kind is not None:
         raise InvalidArgumentsError(
             name, "a plain function (not async def, not a generator)",
@@ -138,9 +147,9 @@ def make_spec(items: object, process: object, out_path: object, options: Options
     if not callable(process):
         raise InvalidArgumentsError("process", "a callable process(item, shared_data, init_values)",
                                     f"got {type(process).__name__}")
-    for name, fn in (("process", process), ("init_function", options.init_function),
-                     ("save_callback", options.save_callback)):
-        check_not_lazy(name, fn)
+    for name, fn in (("process", process), ("init_function", options.init_function)):
+        check_not_lazy(name, fn, allow_async=True)
+    check_not_lazy("save_callback", options.save_callback)
     out_path = check_out_path("out_path", out_path)
     return Spec(ItemList.of(items, compute_keys(items, options.key)), process, out_path,
                 options)

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: Bottom to top; a module may import modules of lower layers only.
 LAYERS = [
-    {"_errors", "_text", "_sync", "_notify", "_dispatch", "_retry", "_fingerprint"},
+    {"_errors", "_text", "_sync", "_notify", "_dispatch", "_retry", "_fingerprint",
+     "_ratelimit"},
     {"_optional", "_wire", "_keys"},
     {"_backend", "_log", "_options", "_saver"},
     {"_state", "_worker", "_done"},
@@ -117,7 +118,8 @@ BAD = {
     "save_callback": 5, "num_procs": 0, "save_batch": 0, "init_function": "init",
     "batch_size": -1, "errors": "ignore", "max_retries": -1, "item_timeout": 0,
     "chunk_size": "4", "start_method": "thread", "backend": 5, "keep_results": "yes",
-    "key": 5, "on_change": "ignore",
+    "key": 5, "on_change": "ignore", "concurrency": 0, "rate_limit": "ten/s",
+    "retry_delay": -1, "retry_on": "ValueError",
 }
 SEED = {"mp_lock": nbmplock.mp_lock, "mp_lock_value": nbmplock.mp_lock_value,
         "mp_lock_batch": nbmplock.mp_lock_batch}

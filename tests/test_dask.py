@@ -697,3 +697,39 @@ def test_values_never_kept_are_computed_again_on_the_cluster(client, tmp_path, c
     assert nbmplock.mp_lock_value(items, counted_row, None, None, out, key="id",
                                   shared_data=shared, backend=client, verbose=False) == expected
     assert ran() == 2 * len(items)
+
+
+# -- issue 18: concurrency and rate_limit on the cluster -----------------------
+
+def test_concurrency_runs_items_of_a_task_at_once_on_the_cluster(client, tmp_path):
+    from .test_concurrency import async_sleeper, peak, read_ledger, sleeper
+
+    for fn in (sleeper, async_sleeper):
+        shared = {"ledger": str(tmp_path / f"ledger-{fn.__name__}"), "sleep": 0.2}
+        began = time.monotonic()
+        out = nbmplock.mp_lock_value(list(range(40)), fn, None, 2, str(tmp_path / fn.__name__),
+                                     shared_data=shared, backend=client, concurrency=8,
+                                     init_function=write_init_client, verbose=False)
+        elapsed = time.monotonic() - began
+        assert [o if fn is sleeper else o[0] for o in out] == [i * 2 for i in range(40)]
+        rows = read_ledger(shared["ledger"])
+        assert sorted(r[0] for r in rows) == list(range(40))
+        assert peak(rows) >= 4, "items of a task in flight at once"
+        assert elapsed < 4.0 * 0.9, elapsed  # 2 threads, one item each: 4 s
+
+
+def write_init_client(shared_data):
+    return {"client": os.getpid()}
+
+
+def test_rate_limit_is_shared_by_the_dask_workers_of_one_machine(client, tmp_path):
+    from .test_concurrency import max_in_window, read_ledger, stamp
+
+    shared = {"ledger": str(tmp_path / "ledger")}
+    nbmplock.mp_lock_value(list(range(50)), stamp, None, 2, str(tmp_path / "run"),
+                           shared_data=shared, backend=client, concurrency=4,
+                           rate_limit="20/s", verbose=False)
+    starts = sorted(r[1] for r in read_ledger(shared["ledger"]))
+    assert len(starts) == 50
+    assert max_in_window(starts) <= 21
+    assert starts[-1] - starts[0] >= 49 / 20 * 0.97

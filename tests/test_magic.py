@@ -268,3 +268,23 @@ def test_start_method_option_and_static_output_of_a_waited_cell(ip, tmp_path, mo
     assert kind == "display" and "live panel: open the notebook in Jupyter" in first
     assert kind2 == "update" and "finished" in final_status and "50/50 done" in final_text
     assert "live panel" not in final_text
+
+
+def test_concurrency_rate_limit_and_retries_from_the_magic_with_an_async_cell(ip, tmp_path):
+    out = tmp_path / "run"
+    began = time.monotonic()
+    ip.run_cell_magic("mplock", f"items --out {out} --procs 1 --concurrency 8 --rate-limit 100/s "
+                      "--retry-delay 0.1 --retries 2 --retry-on ValueError --into got --wait",
+                      """\
+import asyncio
+
+async def process(item, shared_data, init_values):
+    await asyncio.sleep(0.05)
+    return item + "!"
+""")
+    assert ip.user_ns["got"] == [f"{i}!" for i in range(50)]
+    job = ip.user_ns["mplock_job"]
+    opts = job.spec.options
+    assert time.monotonic() - began >= 49 / 100
+    assert (opts.concurrency, opts.rate_limit, opts.retry_delay, opts.retry_on) == (
+        8, 100.0, 0.1, (ValueError,))

@@ -113,13 +113,13 @@ def own_children() -> list[int]:
 class Driver:
     """One ``tests/faults/driver.py`` subprocess."""
 
-    def __init__(self, cfg: dict, log_dir: Path):
+    def __init__(self, cfg: dict, log_dir: Path, script: Path = DRIVER):
         self.cfg = cfg
         self.stderr_path = Path(log_dir) / f"driver-r{cfg['run']:04d}-{time.time_ns()}.err"
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         env.pop("NBMPLOCK_FAULT_SEED", None)
         with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(cfg)],
+            self.proc = subprocess.Popen([sys.executable, str(script), json.dumps(cfg)],
                                          stdout=subprocess.PIPE, stderr=err, env=env,
                                          cwd=str(REPO))
         self.pid = self.proc.pid
