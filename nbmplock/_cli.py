@@ -18,6 +18,7 @@ import os
 import sys
 
 from ._read import STATE_DIR, read_contents, read_snapshot
+from ._state import THROTTLED_SHARE
 from ._store import forget_in, repair
 from ._text import clip, short_repr
 
@@ -32,6 +33,23 @@ def _check_dir(out_path: str) -> str | None:
     if not os.path.isdir(os.path.join(out_path, STATE_DIR)):
         return f"{out_path!r} is not an nbmplock run directory (no {STATE_DIR}/ inside)"
     return None
+
+
+def _live_text(live: dict) -> str:
+    """What the live run said, about once a second: in flight, retrying, pace."""
+    parts = [f"{live.get('in_flight', 0):,} in flight"]
+    if live.get("retrying"):
+        parts.append(f"{live['retrying']:,} waiting to retry")
+    elapsed = live.get("elapsed") or 0.0
+    if elapsed > 0:
+        rate = live.get("done", 0) / elapsed
+        parts.append(f"{rate:,.1f} items/s")
+        limit = live.get("rate_limit")
+        if limit:
+            held = " (held to it)" if rate >= THROTTLED_SHARE * limit else ""
+            parts.append(f"rate limit {limit:g}/s{held}")
+    age = max(0.0, dt.datetime.now().timestamp() - live.get("time", 0))
+    return ", ".join(parts) + f" (as of {age:.0f} s ago)"
 
 
 def _count(n: int, noun: str) -> str:
@@ -59,6 +77,8 @@ def status(out_path: str, last: int, out) -> int:
     else:
         pid = f"pid {snap.holder_pid}" if snap.holder_pid > 0 else "unknown pid"
         out.write(f"live run:      yes, {pid} holds the lock\n")
+        if snap.live:
+            out.write(f"now:           {_live_text(snap.live)}\n")
     if len(snap.runs) > 1 or (snap.runs and snap.fingerprint
                               and snap.runs[0][0] != snap.fingerprint.run):
         out.write("done by run:\n")  # which work made the results kept now

@@ -26,8 +26,8 @@ from ._lifetime import live_job, register, register_exit_hook, unregister
 from ._notify import notifier
 from ._options import Options, make_options, options_doc, signature
 from ._runner import Runner
-from ._state import (Event, EventKind, JobState, Progress, Published, RunStatus, RunSummary,
-                     StopMode, Tally)
+from ._state import (THROTTLED_SHARE, Event, EventKind, JobState, Progress, Published,
+                     RunStatus, RunSummary, StopMode, Tally)
 from . import _results
 from ._log import Failure, by_time
 from ._read import stored_state
@@ -42,7 +42,6 @@ OUTPUT_TAIL = 500
 _MISSING = object()
 _RATE_WINDOW = 10.0
 #: A run starting items at this share of its rate_limit or more is "held to the limit".
-THROTTLED_SHARE = 0.9
 #: How long the end of a run waits for its views to show the final state.
 _FLUSH_TIMEOUT = 5.0
 

@@ -110,8 +110,8 @@ class MplockMagics(Magics):
         self._into: WeakKeyDictionary[Job, set] = WeakKeyDictionary()
 
     @magic_arguments(name="%mplock")
-    @argument("items", help="expression giving the list of str items, evaluated in the "
-              "notebook (quote it if it contains spaces)")
+    @argument("items", help="expression giving the items (a list, or any iterable: read "
+              "once), evaluated in the notebook (quote it if it contains spaces)")
     @argument("--out", required=True, metavar="OUT_PATH",
               help="run directory: every finished item is recorded there (required)")
     @_option_arguments

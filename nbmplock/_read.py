@@ -115,6 +115,9 @@ class Snapshot:
     #: Which run recorded the items done now, oldest run first:
     #: ``(run id, its fingerprint as recorded (a dict, or None), items)``.
     runs: tuple = ()
+    #: What the live run said it was doing, about once a second (``live.json``:
+    #: in_flight, retrying, done, total, elapsed, rate_limit, time), or None.
+    live: dict | None = None
 
 
 def read_snapshot(out_path: str) -> Snapshot:
@@ -135,8 +138,16 @@ def read_snapshot(out_path: str) -> Snapshot:
     order = {run: i for i, run in enumerate(contents.runs)}
     runs = tuple((run, contents.runs.get(run), n)
                  for run, n in sorted(counts.items(), key=lambda rn: order.get(rn[0], -1)))
+    holder = lock_holder(out_path)
+    live = None
+    if holder is not None:
+        try:
+            with open(os.path.join(sdir, "live.json"), encoding="utf-8") as f:
+                live = json.load(f)
+        except (OSError, ValueError):
+            pass
     return Snapshot(out_path, len(done), failures, read_fingerprint(out_path),
-                    last, lock_holder(out_path), contents.torn_bytes, contents.last_end, runs)
+                    last, holder, contents.torn_bytes, contents.last_end, runs, live)
 
 
 def is_complete(out_path: str, items: ItemList) -> bool:

@@ -46,6 +46,8 @@ from ._wire import dumps, rebuild_exception
 log = logging.getLogger("nbmplock")
 
 PUBLISH_INTERVAL = 0.1
+#: How often a live run rewrites ``.nbmplock/live.json`` (see RunStore.write_live).
+LIVE_INTERVAL = 1.0
 #: After a stop, save_callback calls keep starting for this long (or the longest
 #: call's time, if longer) once the workers are done: a stop takes effect within
 #: one slow call, and a fast callback still saves what finished.
@@ -121,6 +123,7 @@ class Runner:
         self._new_failures: list = []
         self._failures_changed = True
         self._next_publish = 0.0
+        self._next_live = 0.0
         self._next_check = 0.0
         self._dirty = True
 
@@ -597,6 +600,13 @@ class Runner:
         if self._publish_to is not None:
             self._publish_to(Published(self.tally, output, new_failures,
                                        self._failures))
+        if now >= self._next_live and not self.store.closed:  # for status elsewhere, 1/s
+            self._next_live = now + LIVE_INTERVAL
+            t = self.tally
+            self.store.write_live({"in_flight": t.in_flight, "retrying": t.retrying,
+                                   "done": t.done, "done_before": t.done_before,
+                                   "total": t.total, "elapsed": now - (t.started or now),
+                                   "rate_limit": self.opts.rate_limit})
 
     def _finish(self) -> None:
         """End the saves and the workers, mark completion, commit, unlock."""
@@ -618,6 +628,7 @@ class Runner:
                 self._record_end()
             finally:
                 try:
+                    self.store.write_live(None)
                     self.store.close()
                 finally:
                     self._failures_changed = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ._job import Job, RunSummary, stop_after_interrupt
@@ -58,7 +58,7 @@ def _run(data_list, process, save_callback, num_procs, out_path, *, save_batch, 
     return job
 
 
-def mp_lock(data_list: Sequence[str], process: Callable, save_callback: Callable | None,
+def mp_lock(data_list: Iterable, process: Callable, save_callback: Callable | None,
             num_procs: int, out_path: str, save_batch: int = 10, shared_data: Any = None,
             init_function: Callable | None = None, verbose: bool = True,
             **options: Any) -> RunSummary:
@@ -87,7 +87,7 @@ def mp_lock(data_list: Sequence[str], process: Callable, save_callback: Callable
                 options=options).summary
 
 
-def mp_lock_value(data_list: Sequence[str], process: Callable, save_callback: Callable | None,
+def mp_lock_value(data_list: Iterable, process: Callable, save_callback: Callable | None,
                   num_procs: int, out_path: str, save_batch: int = 10,
                   shared_data: Any = None, init_function: Callable | None = None,
                   verbose: bool = True, **options: Any) -> list:
@@ -104,7 +104,7 @@ def mp_lock_value(data_list: Sequence[str], process: Callable, save_callback: Ca
 mp_lock_values = mp_lock_value
 
 
-def mp_lock_batch(data_list: Sequence[str], process: Callable, save_callback: Callable | None,
+def mp_lock_batch(data_list: Iterable, process: Callable, save_callback: Callable | None,
                   num_procs: int, out_path: str, batch_size: int, save_batch: int = 10,
                   shared_data: Any = None, init_function: Callable | None = None,
                   verbose: bool = True, **options: Any) -> RunSummary:

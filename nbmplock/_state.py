@@ -27,6 +27,11 @@ class JobState(enum.Enum):
         return self in (JobState.RUNNING, JobState.STOPPING)
 
 
+#: A job whose measured rate is at least this share of its rate_limit is said to be
+#: held to the limit (the panel, status).
+THROTTLED_SHARE = 0.9
+
+
 @dataclass(frozen=True)
 class Progress:
     """A snapshot of a Job's numbers; safe to keep and compare."""

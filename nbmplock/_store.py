@@ -310,6 +310,22 @@ class RunStore:
             json.dump({**fp.__dict__, "updated": time.time()}, f)
         os.replace(tmp, path)
 
+    def write_live(self, status: dict | None) -> None:
+        """What a live run is doing, for ``python -m nbmplock status`` in another
+        process (in flight, waiting to retry, pace): ``live.json``, replaced
+        whole; ``None`` removes it. Best effort: a failure here stops nothing."""
+        path = os.path.join(self.dir, "live.json")
+        try:
+            if status is None:
+                os.unlink(path)
+                return
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({**status, "pid": os.getpid(), "time": time.time()}, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
     def append_output(self, data: bytes) -> None:
         self._out.write(data)
         self._out.flush()

@@ -43,6 +43,30 @@ def test_status_during_a_live_run(tmp_path):
         job.wait()
 
 
+def test_status_of_a_live_run_says_what_it_is_doing(tmp_path):
+    """Issue 18: status shows items in flight, waiting to retry, and the pace
+    against rate_limit, from the live run's live.json (once a second)."""
+    import time
+    out = str(tmp_path)
+    job = Job([f"l{n}" for n in range(2000)], helpers.slow, out, num_procs=1, concurrency=4,
+              rate_limit="20/s", shared_data={"sleep": 0.05})  # 100 s at the limit
+    job.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            text = _cli("status", out).stdout
+            if "now:" in text and "held to it" in text:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.3)
+        assert "in flight" in text and "rate limit 20/s (held to it)" in text, text
+    finally:
+        job.stop()
+        assert job.wait(60)
+    assert not (tmp_path / ".nbmplock" / "live.json").exists()  # gone with the run
+    assert "now:" not in _cli("status", out).stdout
+
+
 def test_not_a_run_directory(tmp_path):
     result = _cli("status", str(tmp_path))
     assert result.returncode == 2 and "not an nbmplock run directory" in result.stderr
