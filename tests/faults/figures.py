@@ -25,8 +25,9 @@ def section(data: dict) -> str:
          data.get("kill_loop_duplicates", 0)),
         ("most items in flight at one kill", data.get("max_in_flight_at_kill", 0)),
         ("byte offsets of last records truncated or corrupted", data.get("offsets_tried", 0)),
-        ("worker faults injected (segfault, SIGKILL, os._exit, hangs, unpicklable and "
-         "huge results, MBs of output, full disk)", data.get("faults_injected", 0)),
+        ("faults injected in all (the kills and torn records above, worker segfaults, "
+         "SIGKILLs, os._exit, hangs, unpicklable and huge results, MBs of output, full disk)",
+         data.get("faults_injected", 0)),
         ("Stop / Force stop from another thread at random instants", data.get("stops", 0)),
         ("Ctrl-C (SIGINT) to a running script", data.get("interrupts", 0)),
         ("runs not killed that ended cleanly (each within its bound)",
