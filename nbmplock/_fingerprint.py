@@ -212,7 +212,8 @@ def keys_hash(keys) -> str:
 _SLICE = 100_000
 
 
-def encode_keys(keys, all_str: bool = False) -> tuple[str, list[bytes]]:
+def encode_keys(keys, all_str: bool = False,
+                keep: bool = True) -> tuple[str, list[bytes] | None]:
     """``(hash, payload)`` of an item list's keys; the payload (a list of buffers)
     is what a LIST record stores, and decodes with :func:`decode_keys`.
 
@@ -222,6 +223,7 @@ def encode_keys(keys, all_str: bool = False) -> tuple[str, list[bytes]]:
     character lengths and its UTF-8 text, made once for both. A list of
     ``bytes`` keys is encoded the same way (byte lengths and the joined bytes),
     under a hash of its own. ``all_str``: the caller knows every key is a ``str``.
+    ``keep=False``: the hash alone (the payload is ``None``; memory stays flat).
     """
     types = {str} if all_str else set(map(type, keys))
     if types <= {str} or types == {bytes}:
@@ -236,9 +238,10 @@ def encode_keys(keys, all_str: bool = False) -> tuple[str, list[bytes]]:
                     else b"".join(part))
             h.update(lengths)
             h.update(data)
-            parts += [len(part).to_bytes(8, "little"), lengths,
-                      len(data).to_bytes(8, "little"), data]
-        return h.hexdigest(), parts
+            if keep:
+                parts += [len(part).to_bytes(8, "little"), lengths,
+                          len(data).to_bytes(8, "little"), data]
+        return h.hexdigest(), parts if keep else None
     h = hashlib.blake2b(digest_size=16)
     h.update(b"keys:" + str(len(keys)).encode())
     for k in keys:

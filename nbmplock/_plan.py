@@ -21,6 +21,10 @@ from ._done import done_mask
 from ._log import Contents
 
 
+#: Up to this many keys, the encoding made with the hash is kept for the LIST record.
+KEEP_PAYLOAD = 1_000_000
+
+
 class ItemList:
     """A job's items and their keys, as checked once when the job is created.
 
@@ -44,7 +48,9 @@ class ItemList:
         are found only when asked for (a resume of a finished run never asks).
         """
         own = keys is items  # compute_keys gives the list itself only when all are str
-        list_hash, payload = encode_keys(keys, all_str=own)
+        # A long list's encoding is not kept (made again when the LIST record is
+        # written): held through planning, it would sit beside the repeats' set.
+        list_hash, payload = encode_keys(keys, all_str=own, keep=len(keys) <= KEEP_PAYLOAD)
         made = cls(items, keys, list_hash, None, payload)
         if not own:
             made._find_repeats()
