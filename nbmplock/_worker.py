@@ -11,13 +11,15 @@ parent -> worker
 worker -> parent
     ``("ready", pid)``                           init_function returned
     ``("init_error", exc_type, message, tb, exc_bytes)``
-    ``("chunk", chunk_id, n_run, has_results, failures, seconds)``
+    ``("chunk", chunk_id, n_run, results_crc, failures, seconds)``
         ``n_run`` items were run (fewer than sent when the stop flag was set);
         ``failures`` lists :class:`~nbmplock._backend.ItemError` records.
-        When ``has_results`` (the parent needs them), the next message is the
-        pickled list of the ``n_run`` return values, on its own: the parent
-        stores that very pickle (``mp_lock_value``) instead of pickling the
-        results a second time.
+        When ``results_crc`` is not None (the parent needs the results), the
+        next message is the pickled list of the ``n_run`` return values, on
+        its own, and ``results_crc`` its CRC-32: the parent stores that very
+        pickle (``mp_lock_value``) instead of pickling the results a second
+        time, and its record's CRC without reading it again
+        (:class:`~nbmplock._log.Pickled`).
 
 Shared memory the parent reads without a message (so a crash or a timeout can
 be blamed on the exact item): the slot (layout in :mod:`nbmplock._backend`) is
@@ -51,6 +53,7 @@ import sys
 import threading
 import time
 import types
+import zlib
 
 import dill
 
@@ -128,7 +131,8 @@ def _send_chunk(conn, chunk_id, n_run, results, failures, seconds) -> None:
         except Exception:
             results, failures = without_unpicklable(results, failures)
             blob = dumps(results)
-    conn.send_bytes(dumps(("chunk", chunk_id, n_run, blob is not None, failures, seconds)))
+    crc = zlib.crc32(blob) if blob is not None else None
+    conn.send_bytes(dumps(("chunk", chunk_id, n_run, crc, failures, seconds)))
     if blob is not None:
         conn.send_bytes(blob)
 

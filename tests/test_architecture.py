@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Bottom to top; a module may import modules of lower layers only.
 LAYERS = [
     {"_errors", "_text", "_sync", "_notify", "_dispatch", "_retry", "_fingerprint",
-     "_ratelimit"},
+     "_ratelimit", "_crc"},
     {"_optional", "_wire", "_keys"},
     {"_backend", "_log", "_options", "_saver"},
     {"_state", "_worker", "_done"},

@@ -294,3 +294,42 @@ def test_two_threads_appending_keep_every_record_whole(tmp_path):
     contents = read_contents(str(tmp_path), results=True)
     assert len(contents.done) == 300 and len(contents.failures) == 300
     assert contents.torn_bytes == 0 and set(contents.results.values()) == {big}
+
+
+def test_crc32_combine_is_zlibs():
+    """The parent combines a worker's CRC of a results pickle with the rest of the
+    record's instead of reading the pickle again: the CRC must be zlib's own."""
+    import random
+    import zlib
+
+    from nbmplock._crc import Pickled, crc32_combine
+    from nbmplock._log import _frame
+
+    rng = random.Random(7)
+    for _ in range(300):
+        a = rng.randbytes(rng.randrange(0, 2000))
+        b = rng.randbytes(rng.choice([0, 1, 7, rng.randrange(0, 5000),
+                                      rng.randrange(256 << 10, 2 << 20)]))
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+        pickled = Pickled(b)
+        pickled.crc = zlib.crc32(b)
+        assert _frame(3, 1, a, pickled) == _frame(3, 1, a, bytes(b))
+
+
+def _big(item, shared_data, init_values):
+    return item.encode().ljust(300_000, b"-")  # a chunk's pickle takes the combined CRC
+
+
+def test_big_results_read_back_whole_and_a_flipped_byte_in_one_is_damage(tmp_path):
+    out = str(tmp_path)
+    items = [f"b{n}" for n in range(40)]
+    values = mp_lock_value(items, _big, None, 2, out, verbose=False)
+    assert [v[:4].rstrip(b"-") for v in values] == [i.encode() for i in items]
+    assert read_contents(out, results=True).results == dict(zip(items, values))
+    assert mp_lock_value(items, _big, None, 2, out, verbose=False) == values  # from disk
+    data = bytearray(open(_log(out), "rb").read())
+    at = data.index(b"b7" + b"-" * 1000) + 500  # inside one result, deep in its record
+    data[at] ^= 0xFF
+    open(_log(out), "wb").write(bytes(data))
+    with pytest.raises(StoreCorruptError, match="repair"):
+        read_contents(out)
