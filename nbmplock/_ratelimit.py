@@ -86,7 +86,12 @@ class RateLimit:
 
     @classmethod
     def create(cls, rate: float) -> RateLimit:
-        fd, path = tempfile.mkstemp(prefix="nbmplock-rate-")
+        """A new bucket in a file of its own, named after this process (the driver).
+
+        First removes the files of drivers that are gone: a SIGKILLed driver
+        cannot remove its own (:meth:`remove` runs at a run's end)."""
+        _sweep()
+        fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-")
         try:
             os.write(fd, _TAT.pack(0.0))
         finally:
@@ -165,6 +170,35 @@ class RateLimit:
                 time.sleep(min(wait, POLL))
         finally:
             turn.release()
+
+
+_PREFIX = "nbmplock-rate-"
+
+
+def _sweep() -> None:
+    """Remove the bucket files of drivers no longer alive (``nbmplock-rate-<pid>-*``
+    in the temp directory). A file whose pid was reused by another process
+    stays until that one is gone too; files of other users are left alone."""
+    folder = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_PREFIX):].partition("-")[0]
+        if not pid.isdigit() or int(pid) <= 0:
+            continue  # a file of a release that did not name its driver
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or reused): keep
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # alive, another user's
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
 
 
 #: path -> (pid, descriptor, turn lock) of this process (see RateLimit._open).

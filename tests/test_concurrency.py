@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -434,6 +435,30 @@ def test_rate_limit_take_is_cancelled_at_once_and_survives_a_killed_holder(tmp_p
     finally:
         limit.remove()
     assert not os.path.exists(limit.path)
+
+
+def test_rate_limit_files_of_dead_drivers_are_removed_by_the_next_run():
+    """A SIGKILLed driver cannot remove its bucket file; the next create() does."""
+    import subprocess
+    import tempfile
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    folder = tempfile.gettempdir()
+    left = os.path.join(folder, f"nbmplock-rate-{dead}-abc123")
+    mine = os.path.join(folder, f"nbmplock-rate-{os.getpid()}-abc123")
+    for path in (left, mine):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 8)
+    try:
+        limit = RateLimit.create(10)
+        limit.remove()
+        assert not os.path.exists(left)
+        assert os.path.exists(mine)  # a live driver's file is its own to remove
+    finally:
+        for path in (left, mine):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def test_the_panel_says_when_items_wait_to_retry_and_the_limit_sets_the_pace():
