@@ -17,6 +17,7 @@ import hashlib
 import os
 import sys
 
+from ._keys import encoded_key
 from ._read import STATE_DIR, read_contents, read_snapshot
 from ._state import THROTTLED_SHARE
 from ._store import forget_in, repair
@@ -50,6 +51,17 @@ def _live_text(live: dict) -> str:
             parts.append(f"rate limit {limit:g}/s{held}")
     age = max(0.0, dt.datetime.now().timestamp() - live.get("time", 0))
     return ", ".join(parts) + f" (as of {age:.0f} s ago)"
+
+
+def _line_keys(line: str) -> list:
+    """The keys a line of ``forget --items`` may mean: the str itself, and the
+    int it spells (int items are keyed as ints, not as their text)."""
+    keys: list = [line]
+    try:
+        number = int(line.strip())
+    except ValueError:
+        return keys
+    return keys + [encoded_key(number)]
 
 
 def _count(n: int, noun: str) -> str:
@@ -197,7 +209,8 @@ def _main(argv: list[str] | None) -> int:
     what.add_argument("--failed", action="store_true", help="every failure")
     what.add_argument("--all", action="store_true", help="every item: the next run starts over")
     what.add_argument("--items", metavar="FILE",
-                      help="a file of keys, one per line: str items themselves, or what key= gave them")
+                      help="a file of keys, one per line: str or int items themselves, or what "
+                      "key= gave them")
     p_repair = sub.add_parser("repair", help="rewrite a damaged log, keeping readable records")
     p_repair.add_argument("out_path")
     p_demo = sub.add_parser("demo", help="a short job, stopped part-way and resumed")
@@ -226,14 +239,18 @@ def _main(argv: list[str] | None) -> int:
                     asked = [line.rstrip("\n") for line in f if line.rstrip("\n")]
                 contents = read_contents(args.out_path)
                 known = contents.all_done() | set(contents.failures)
-                keys = [k for k in asked if k in known]
-                unknown = [k for k in asked if k not in known]
+                keys, unknown = [], []
+                for line in asked:
+                    found = [k for k in _line_keys(line) if k in known]
+                    keys += found
+                    if not found:
+                        unknown.append(line)
                 if unknown:
                     sys.stderr.write(
                         f"nbmplock: {len(unknown):,} of the {len(asked):,} keys are neither done "
                         f"nor failed in {args.out_path!r} (first: {short_repr(unknown[0], 60)}); "
-                        "--items takes one key per line: a str item itself, or what key= "
-                        "gave it\n")
+                        "--items takes one key per line: a str item itself, an int item, or "
+                        "what key= gave it\n")
                 if not keys:
                     return 1
             forget_in(args.out_path, keys=keys, failed=args.failed, everything=args.all)

@@ -196,6 +196,15 @@ def test_forget_from_the_command_line(tmp_path):
     assert read_done(out) == set(ITEMS[4:])
     assert cli("--all").returncode == 0 and read_done(out) == set()
     assert cli().returncode == 2  # one of --failed, --all, --items is required
+    # int items: a line "7" is the item 7 (keyed as an int, not as the text "7")
+    ints = str(tmp_path / "ints")
+    mp_lock(list(range(10)), helpers.echo, None, 2, ints, verbose=False)
+    items_file.write_text("7\n 8\nx\n")
+    result = subprocess.run([sys.executable, "-m", "nbmplock", "forget", ints, "--items",
+                             str(items_file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "forgot 2 items" in result.stdout, result.stderr
+    assert "1 of the 3 keys" in result.stderr
+    assert mp_lock(list(range(10)), helpers.echo, None, 2, ints, verbose=False).done == 2
 
 
 @pytest.mark.timeout(120)
