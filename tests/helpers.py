@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -113,3 +116,40 @@ def wait_job(job, timeout: float = 60.0) -> None:
     if not job.wait(timeout):
         dump_stacks(f"job on {job.out_path!r} still {job.state.value} after {timeout} s")
         pytest.fail(f"the job did not end within {timeout} s (stacks dumped to stderr)")
+
+
+def py_spy() -> str | None:
+    """The py-spy executable (the venv's, else on PATH), or None."""
+    here = Path(sys.executable).parent / "py-spy"
+    if here.exists():
+        return str(here)
+    import shutil
+
+    return shutil.which("py-spy")
+
+
+def thread_stacks(procs: list[psutil.Process], timeout: float = 20.0) -> str:
+    """Every thread's Python stack of each process (``py-spy dump``), as text.
+
+    For a test that timed out: what a kernel, a driver or their workers were
+    doing. A busy process cannot print its own stacks; py-spy reads them from
+    outside."""
+    exe = py_spy()
+    if exe is None:
+        return "(py-spy is not installed: pip install py-spy, to see the kernel's stacks)"
+    out = []
+    for p in procs:
+        try:
+            head = f"==== pid {p.pid}: {' '.join(p.cmdline()[:3])}"
+        except psutil.Error:
+            continue
+        try:
+            res = subprocess.run([exe, "dump", "--pid", str(p.pid)], capture_output=True,
+                                 text=True, timeout=timeout)
+            body = (res.stdout + res.stderr).strip()
+        except subprocess.TimeoutExpired:
+            body = f"(py-spy dump timed out after {timeout:.0f}s)"
+        except OSError as e:
+            body = f"(py-spy failed: {e})"
+        out.append(f"{head}\n{body}")
+    return "\n\n".join(out) or "(no process)"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from nbmplock import Job
 
 from . import helpers
@@ -60,11 +62,31 @@ def test_status_of_a_live_run_says_what_it_is_doing(tmp_path):
             assert time.monotonic() < deadline, text
             time.sleep(0.3)
         assert "in flight" in text and "rate limit 20/s" in text, text
+        _assert_moving(job, seconds=3.0)
     finally:
         job.stop()
         assert job.wait(60)
     assert not (tmp_path / ".nbmplock" / "live.json").exists()  # gone with the run
     assert "now:" not in _cli("status", out).stdout
+
+
+def _assert_moving(job, seconds: float) -> None:
+    """The live run finishes items (20/s here): a run that stalls fails the test
+    with the stacks of the driver's threads and of its workers (py-spy), so a
+    stall explains itself (seen twice, once in 2026-12, not reproduced since)."""
+    import time
+
+    import psutil
+
+    before = job.progress.done
+    time.sleep(seconds)
+    after = job.progress.done
+    if after <= before:
+        helpers.dump_stacks(f"live run stalled at {after} done for {seconds} s")
+        workers = psutil.Process().children(recursive=True)
+        sys.stderr.write(helpers.thread_stacks(workers) + "\n")
+        pytest.fail(f"the live run finished nothing in {seconds} s ({after} done; "
+                    "stacks on stderr)")
 
 
 def test_not_a_run_directory(tmp_path):

@@ -28,6 +28,8 @@ from typing import Any, Pattern
 
 import psutil
 
+from ..helpers import thread_stacks
+
 STEP_TIMEOUT = 90.0  # seconds, per waiting step
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "artifacts"
@@ -710,43 +712,6 @@ def screenshot(page, name: str, full_page: bool = True) -> Path:
 
 
 # --------------------------------------------------------------------------- diagnostics
-
-
-def py_spy() -> str | None:
-    """The py-spy executable (the venv's, else on PATH), or None."""
-    here = Path(sys.executable).parent / "py-spy"
-    if here.exists():
-        return str(here)
-    import shutil
-
-    return shutil.which("py-spy")
-
-
-def thread_stacks(procs: list[psutil.Process], timeout: float = 20.0) -> str:
-    """Every thread's Python stack of each process (``py-spy dump``), as text.
-
-    For a test that timed out: what the kernel (and its workers) were doing. A
-    busy kernel cannot run a cell that would print its own stacks; py-spy reads
-    them from outside."""
-    exe = py_spy()
-    if exe is None:
-        return "(py-spy is not installed: pip install py-spy, to see the kernel's stacks)"
-    out = []
-    for p in procs:
-        try:
-            head = f"==== pid {p.pid}: {' '.join(p.cmdline()[:3])}"
-        except psutil.Error:
-            continue
-        try:
-            res = subprocess.run([exe, "dump", "--pid", str(p.pid)], capture_output=True,
-                                 text=True, timeout=timeout)
-            body = (res.stdout + res.stderr).strip()
-        except subprocess.TimeoutExpired:
-            body = f"(py-spy dump timed out after {timeout:.0f}s)"
-        except OSError as e:
-            body = f"(py-spy failed: {e})"
-        out.append(f"{head}\n{body}")
-    return "\n\n".join(out) or "(no kernel process)"
 
 
 def server_diagnostics(server: JupyterServer) -> str:
