@@ -278,9 +278,11 @@ def check_w1(row: Summary, ctx: Context) -> tuple[str, Optional[bool]]:
     """Within 1.5x of the fastest peer and at least 5x mpire and joblib."""
     text = "≤1.5x fastest peer; ≥5x mpire & joblib"
     slower = [_median_of(ctx, peers.MPIRE.library), _median_of(ctx, peers.JOBLIB.library)]
-    if row.vs_best is None or None in slower:
+    if row.vs_best is None or None in slower or not row.measured:
         return text, None
-    return text, row.vs_best <= 1.5 and all(row.median >= 5 * m for m in slower)
+    times = [row.median / m for m in slower]  # throughputs: how many times faster
+    text += f" ({times[0]:.1f}x and {times[1]:.1f}x faster)"
+    return text, row.vs_best <= 1.5 and all(t >= 5 for t in times)
 
 
 def within_noise(row: Summary, ctx: Context) -> tuple[str, Optional[bool]]:

@@ -10,8 +10,9 @@ Runs, interleaved in a seeded shuffled order each repeat:
 * ``multiprocessing.Pool.imap_unordered`` with the ``Pool.map`` chunksize;
 * ``mp_lock`` as shipped (chunks of about 0.5 s, work stealing at the tail);
 * ``mp_lock`` with chunks of about 0.2 s, the default before (an ablation:
-  ``nbmplock._runner.TARGET_CHUNK_SECONDS`` is set for the run, not a setting
-  users have; the row is left out when that private name is gone);
+  ``TARGET_CHUNK_SECONDS`` of ``nbmplock._dispatch`` (``nbmplock._runner``
+  before the engine's split) is set for the run, not a setting users have;
+  the row is left out when neither module has that private name);
 * ``mp_lock`` with ``Pool``'s chunk size (``chunk_size=``).
 
 For each it reports the speedup, the CPU time of the items themselves (the
@@ -52,13 +53,23 @@ def timed_item_nbm(item: str, shared_data, init_values) -> float:
     return timed_item(item)
 
 
+def _chunk_module():
+    """The nbmplock module that holds the automatic chunk length, or None."""
+    import importlib
+
+    for name in ("nbmplock._dispatch", "nbmplock._runner"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "TARGET_CHUNK_SECONDS"):
+            return module
+    return None
+
+
 def chunk_target_settable() -> bool:
     """Whether this nbmplock still has the private chunk-length constant the ablation sets."""
-    try:
-        import nbmplock._runner as runner
-    except ImportError:
-        return False
-    return hasattr(runner, "TARGET_CHUNK_SECONDS")
+    return _chunk_module() is not None
 
 
 @contextlib.contextmanager
@@ -67,14 +78,13 @@ def chunk_target(seconds: float | None):
     if seconds is None:
         yield
         return
-    import nbmplock._runner as runner
-
-    saved = runner.TARGET_CHUNK_SECONDS
-    runner.TARGET_CHUNK_SECONDS = seconds
+    module = _chunk_module()
+    saved = module.TARGET_CHUNK_SECONDS
+    module.TARGET_CHUNK_SECONDS = seconds
     try:
         yield
     finally:
-        runner.TARGET_CHUNK_SECONDS = saved
+        module.TARGET_CHUNK_SECONDS = saved
 
 
 def run_pool(items, workers, chunksize) -> list[float]:
@@ -151,7 +161,7 @@ def anatomy(n_items: int, repeats: int, workers: int) -> str:
                      f"{med(name, 'parent_wakeups'):.0f} | {med(name, 'worker_preempted'):.0f} |")
     if not chunk_target_settable():
         lines += ["", "The 0.2 s-chunk ablation is left out: this nbmplock has no "
-                      "`_runner.TARGET_CHUNK_SECONDS` to set."]
+                      "`TARGET_CHUNK_SECONDS` to set."]
     return "\n".join(lines) + "\n"
 
 
