@@ -159,6 +159,18 @@ class Driver:
         self.signal(signal.SIGKILL)
         self.proc.wait(30)
 
+    def kill_with_workers(self, bound: float, late_bound: float = 0.0) -> list[int]:
+        """SIGKILL the driver; return the pids of its workers still alive ``bound``
+        seconds later (they must die with it: PR_SET_PDEATHSIG), and of children
+        started an instant before the kill (under spawn, one still starting its
+        interpreter) still alive ``late_bound`` seconds after that."""
+        workers_seen = own_children()
+        self.kill()
+        left = wait_gone(workers_seen, timeout=bound)
+        if late_bound:
+            left += wait_gone([p for p in own_children() if p not in left], timeout=late_bound)
+        return left
+
     def finish(self, timeout: float) -> int:
         rc = self.wait(timeout)
         if rc is None:

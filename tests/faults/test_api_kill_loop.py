@@ -34,7 +34,7 @@ from nbmplock import _read
 
 from . import api_driver
 from .api_server import ApiServer
-from .helpers import FIGURES, Driver, own_children, wait_gone
+from .helpers import FIGURES, Driver
 
 SCRIPT = Path(__file__).resolve().parent / "api_driver.py"
 WORKERS, CONCURRENCY = 2, 16
@@ -68,10 +68,8 @@ def test_api_kill_loop(tmp_path, rng, seed):
                 if kills < max_kills:
                     rc = proc.wait(_kill_delay(rng))
                     if rc is None:
-                        workers_seen = own_children()
-                        proc.kill()
+                        left = proc.kill_with_workers(5)
                         kills += 1
-                        left = wait_gone(workers_seen, timeout=5)
                         assert not left, f"workers {left} outlived the SIGKILLed driver"
                         done_after[run] = set(_read.read_done(str(out))) \
                             if out.exists() else set()

@@ -99,15 +99,10 @@ def run_phase(root: Path, index: int, phase: dict, rng, max_kills: int) -> dict:
             if kills < max_kills:
                 rc = proc.wait(_kill_delay(rng))
                 if rc is None:
-                    workers_seen = own_children()
-                    proc.kill()
+                    # workers die with their parent (PR_SET_PDEATHSIG); none may go on,
+                    # nor one started an instant before the kill
+                    left = proc.kill_with_workers(3, late_bound=LATE_CHILD_BOUND)
                     kills += 1
-                    # workers die with their parent (PR_SET_PDEATHSIG); none may go on
-                    left = wait_gone(workers_seen, timeout=3)
-                    # a worker started an instant before the kill (not seen above; under
-                    # spawn, one still starting its interpreter) must end by itself too
-                    left += wait_gone([p for p in own_children() if p not in left],
-                                      timeout=LATE_CHILD_BOUND)
                     if left:
                         _describe(left)  # where it waits, for the report
                         _kill_all(left)
