@@ -57,8 +57,8 @@ from . import _worker
 from ._backend import (SLOT_CHUNK, SLOT_GIVE_BACK, SLOT_UNIT, BackendBase, Chunk, ChunkDone,
                        ChunksLost, Fatal, InitFailed, LossKind, WorkerOutput, WorkPayload,
                        exiting, new_slot, running_units, set_drain)
-from ._errors import WorkerDiedError
 from ._crc import Pickled
+from ._errors import WorkerDiedError
 from ._wire import dumps, serialize_functions
 
 log = logging.getLogger("nbmplock")
@@ -641,8 +641,8 @@ def _recv_blob(fd: int, crc: int) -> Pickled:
 
     ``Connection.recv_bytes`` reads a big message piece by piece into a
     ``BytesIO`` and copies it out again: two copies more of every result byte,
-    which on W3 (megabytes of results per chunk) was a third of the manager
-    thread's time. The framing is ``multiprocess.connection``'s: a signed
+    which on W3 (megabytes of results per chunk) was about a fifth of the
+    manager thread's time. The framing is ``multiprocess.connection``'s: a signed
     32-bit big-endian length, or -1 and then an unsigned 64-bit one.
     """
     head = memoryview(bytearray(4))

@@ -19,7 +19,7 @@ worker -> parent
         its own, and ``results_crc`` its CRC-32: the parent stores that very
         pickle (``mp_lock_value``) instead of pickling the results a second
         time, and its record's CRC without reading it again
-        (:class:`~nbmplock._log.Pickled`).
+        (:class:`~nbmplock._crc.Pickled`).
 
 Shared memory the parent reads without a message (so a crash or a timeout can
 be blamed on the exact item): the slot (layout in :mod:`nbmplock._backend`) is
