@@ -31,12 +31,32 @@ def test_status_and_failures(tmp_path):
     assert failures.stdout.count("=== 'c") == 4 and "Traceback" in failures.stdout
 
 
+def _workers_forked(job, timeout: float = 60.0) -> None:
+    """Wait until the job's workers are forked and running (an item is done).
+
+    A process started while a live job forks a worker can wait for the job's
+    end: the worker keeps the parent's copy of the new process's pipes (its
+    exec-error pipe included, which ``Popen`` itself reads to the end), so
+    ``subprocess.run`` returns only when that worker exits. Seen as a status
+    call that took the whole run (10 s here; in the rate-limit test, 100 s,
+    which looked like a stalled run). See the closing note of 2026-12-06."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while job.progress.done < 1:
+        if time.monotonic() > deadline:
+            helpers.dump_stacks("no item done")
+            pytest.fail(f"no item done in {timeout} s")
+        time.sleep(0.05)
+
+
 def test_status_during_a_live_run(tmp_path):
     out = str(tmp_path)
     job = Job([f"s{n}" for n in range(200)], helpers.slow, out, num_procs=1,
               shared_data={"sleep": 0.05})
     job.start()
     try:
+        _workers_forked(job)
         status = _cli("status", out)
         import os
         assert f"live run:      yes, pid {os.getpid()}" in status.stdout
@@ -54,6 +74,7 @@ def test_status_of_a_live_run_says_what_it_is_doing(tmp_path):
               rate_limit="20/s", shared_data={"sleep": 0.05})  # 100 s at the limit
     job.start()
     try:
+        _workers_forked(job)
         deadline = time.monotonic() + 60
         while True:
             text = _cli("status", out).stdout
