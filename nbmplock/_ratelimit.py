@@ -175,11 +175,19 @@ class RateLimit:
 _PREFIX = "nbmplock-rate-"
 
 
+#: A bucket file untouched this long (every token taken rewrites it) may be swept.
+SWEEP_AGE = 3600.0
+
+
 def _sweep() -> None:
     """Remove the bucket files of drivers no longer alive (``nbmplock-rate-<pid>-*``
-    in the temp directory). A file whose pid was reused by another process
-    stays until that one is gone too; files of other users are left alone."""
+    in the temp directory) and untouched for :data:`SWEEP_AGE` seconds: on a
+    Dask worker's machine the pid is another machine's driver's, and the file
+    is in use as long as tokens are taken. A file whose pid was reused by
+    another process stays until that one is gone too; files of other users are
+    left alone."""
     folder = tempfile.gettempdir()
+    now = time.time()
     try:
         names = [n for n in os.listdir(folder) if n.startswith(_PREFIX)]
     except OSError:
@@ -195,8 +203,10 @@ def _sweep() -> None:
             pass
         except OSError:
             continue  # alive, another user's
+        path = os.path.join(folder, name)
         try:
-            os.unlink(os.path.join(folder, name))
+            if now - os.stat(path).st_mtime >= SWEEP_AGE:
+                os.unlink(path)
         except OSError:
             pass
 

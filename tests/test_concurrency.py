@@ -447,16 +447,23 @@ def test_rate_limit_files_of_dead_drivers_are_removed_by_the_next_run():
     folder = tempfile.gettempdir()
     left = os.path.join(folder, f"nbmplock-rate-{dead}-abc123")
     mine = os.path.join(folder, f"nbmplock-rate-{os.getpid()}-abc123")
-    for path in (left, mine):
+    recent = os.path.join(folder, f"nbmplock-rate-{dead}-def456")
+    for path in (left, mine, recent):
         with open(path, "wb") as f:
             f.write(b"\0" * 8)
+    hours_ago = time.time() - 7200
+    os.utime(left, (hours_ago, hours_ago))
+    os.utime(mine, (hours_ago, hours_ago))
     try:
         limit = RateLimit.create(10)
         limit.remove()
         assert not os.path.exists(left)
         assert os.path.exists(mine)  # a live driver's file is its own to remove
+        # a file taken from within the hour may be a Dask worker's, whose driver
+        # runs on another machine: kept
+        assert os.path.exists(recent)
     finally:
-        for path in (left, mine):
+        for path in (left, mine, recent):
             if os.path.exists(path):
                 os.unlink(path)
 
