@@ -24,7 +24,6 @@ worker lost its core), from ``getrusage``. Writes
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import multiprocessing
 import random
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .peers import pool_map_chunksize
+from . import study
 from .records import ResultMismatch
 from .workloads import busy_items, calibrate_loops_per_ms, loops_for_ms, spin
 
@@ -167,24 +167,12 @@ def anatomy(n_items: int, repeats: int, workers: int) -> str:
 
 def regenerate(out_dir: Path, *, quick: bool, workers: int, repeats: Optional[int]) -> Path:
     """Write ``w2_anatomy.md`` into *out_dir* (``python -m bench``'s ANATOMY study)."""
-    text = anatomy(120 if quick else 400, repeats or (3 if quick else 7), workers)
-    path = out_dir / RESULTS.name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return study.regenerate(anatomy, RESULTS, out_dir, quick=quick, workers=workers,
+                            repeats=repeats, items=400, quick_items=120)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.w2_anatomy", description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--items", type=int, default=400)
-    args = parser.parse_args(argv)
-    text = anatomy(args.items, args.repeats, args.workers)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text, encoding="utf-8")
-    print(text + f"\nwrote {RESULTS}")
-    return 0
+    return study.main(anatomy, RESULTS, "python -m bench.w2_anatomy", __doc__, 400, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ wall time, its ratio to mpire's, and the parent's CPU per item. Writes
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import multiprocessing
 import random
@@ -37,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import study
 from .records import ResultMismatch
 from .workloads import BIG_RESULT_BYTES, big_result, big_result_nbm, expect_big, keep_big, label_items
 
@@ -169,25 +169,12 @@ def anatomy(n_items: int, repeats: int, workers: int) -> str:
 
 def regenerate(out_dir: Path, *, quick: bool, workers: int, repeats: Optional[int]) -> Path:
     """Write ``w3_anatomy.md`` into *out_dir* (``python -m bench``'s W3ANATOMY study)."""
-    text = anatomy(500 if quick else 2000, repeats or (3 if quick else 7), workers)
-    path = out_dir / RESULTS.name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return study.regenerate(anatomy, RESULTS, out_dir, quick=quick, workers=workers,
+                            repeats=repeats, items=2000, quick_items=500)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.w3_anatomy",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--items", type=int, default=2000)
-    args = parser.parse_args(argv)
-    text = anatomy(args.items, args.repeats, args.workers)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text, encoding="utf-8")
-    print(text + f"\nwrote {RESULTS}")
-    return 0
+    return study.main(anatomy, RESULTS, "python -m bench.w3_anatomy", __doc__, 2000, argv)
 
 
 if __name__ == "__main__":
