@@ -378,8 +378,8 @@ class LocalBackend(BackendBase):
                 data = worker.conn.recv_bytes()
                 msg = pickle.loads(data)
                 # A chunk's results follow its header as a message of their own.
-                blob = (_recv_blob(worker.conn.fileno(), msg[3])
-                        if msg[0] == "chunk" and msg[3] is not None else None)
+                blob = (_recv_blob(worker.conn.fileno(), msg[6])
+                        if msg[0] == "chunk" and msg[3] else None)
                 self._handle(worker, msg, events, blob)
         except (EOFError, OSError):
             pass  # the sentinel reports the death
@@ -387,7 +387,7 @@ class LocalBackend(BackendBase):
     def _handle(self, worker: _Worker, msg: tuple, events: list, blob: bytes | None) -> None:
         kind = msg[0]
         if kind == "chunk":
-            _, chunk_id, n_run, _results_crc, failures, seconds = msg
+            _, chunk_id, n_run, _has_results, failures, seconds, _results_crc = msg
             chunk = worker.chunks.pop(chunk_id)
             worker.queued.pop(chunk_id)
             if chunk.id == self._giving_back:
@@ -635,9 +635,10 @@ def _read_exact(fd: int, view: memoryview) -> None:
         pos += n
 
 
-def _recv_blob(fd: int, crc: int) -> Pickled:
+def _recv_blob(fd: int, crc: int | None) -> Pickled:
     """One message of ``Connection.send_bytes`` read straight into a buffer of its
-    size; ``crc``, the CRC-32 its worker computed, goes with it (see :class:`Pickled`).
+    size; ``crc``, the CRC-32 its worker computed (if it did), goes with it (see
+    :class:`Pickled`).
 
     ``Connection.recv_bytes`` reads a big message piece by piece into a
     ``BytesIO`` and copies it out again: two copies more of every result byte,

@@ -236,22 +236,18 @@ def _frame(kind: int, flags: int, *parts: bytes) -> list[bytes]:
 
     The payload is the concatenation of ``parts``; it is never copied into one
     buffer (results can be megabytes). A last part that is :class:`Pickled`
-    is not read: its worker's CRC is combined in.
+    with a CRC is not read: its worker's CRC is combined in.
     """
     head = _HEADER.pack(_MAGIC, kind, flags, sum(map(len, parts)), 0)[:8]
     crc = zlib.crc32(head)
     last = parts[-1] if parts else None
-    combine = type(last) is Pickled and len(last) >= _COMBINE_MIN
+    combine = type(last) is Pickled and last.crc is not None
     for part in parts[:-1] if combine else parts:
         crc = zlib.crc32(part, crc)
     if combine:
         crc = crc32_combine(crc, last.crc, len(last))
     return [head + _U32.pack(crc), *parts]
 
-
-#: Below this many bytes, reading a pickle again costs less than combining CRCs
-#: (zlib.crc32 runs at about 3 GB/s here; a combine for a new length, 0.1 ms).
-_COMBINE_MIN = 256 << 10
 
 
 def done_record(names: Sequence, results: Sequence[Any] | None = None,

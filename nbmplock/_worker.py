@@ -11,14 +11,15 @@ parent -> worker
 worker -> parent
     ``("ready", pid)``                           init_function returned
     ``("init_error", exc_type, message, tb, exc_bytes)``
-    ``("chunk", chunk_id, n_run, results_crc, failures, seconds)``
+    ``("chunk", chunk_id, n_run, has_results, failures, seconds, results_crc)``
         ``n_run`` items were run (fewer than sent when the stop flag was set);
         ``failures`` lists :class:`~nbmplock._backend.ItemError` records.
-        When ``results_crc`` is not None (the parent needs the results), the
-        next message is the pickled list of the ``n_run`` return values, on
-        its own, and ``results_crc`` its CRC-32: the parent stores that very
-        pickle (``mp_lock_value``) instead of pickling the results a second
-        time, and its record's CRC without reading it again
+        When ``has_results`` (the parent needs them), the next message is the
+        pickled list of the ``n_run`` return values, on its own: the parent
+        stores that very pickle (``mp_lock_value``) instead of pickling the
+        results a second time. ``results_crc`` is that pickle's CRC-32 when it
+        is big (:data:`~nbmplock._crc.WORKER_CRC_MIN`), else None: the parent
+        then makes its record's CRC without reading it again
         (:class:`~nbmplock._crc.Pickled`).
 
 Shared memory the parent reads without a message (so a crash or a timeout can
@@ -59,6 +60,7 @@ import dill
 
 from ._backend import (SLOT_CHUNK, SLOT_GIVE_BACK, SLOT_SIZE, SLOT_STARTED, SLOT_UNIT,
                        ItemError)
+from ._crc import WORKER_CRC_MIN
 from ._errors import FailureKind
 from ._wire import describe_exception, dumps
 
@@ -131,8 +133,9 @@ def _send_chunk(conn, chunk_id, n_run, results, failures, seconds) -> None:
         except Exception:
             results, failures = without_unpicklable(results, failures)
             blob = dumps(results)
-    crc = zlib.crc32(blob) if blob is not None else None
-    conn.send_bytes(dumps(("chunk", chunk_id, n_run, crc, failures, seconds)))
+    crc = zlib.crc32(blob) if blob is not None and len(blob) >= WORKER_CRC_MIN else None
+    conn.send_bytes(dumps(("chunk", chunk_id, n_run, blob is not None, failures, seconds,
+                           crc)))
     if blob is not None:
         conn.send_bytes(blob)
 
