@@ -14,7 +14,10 @@ Runs, interleaved in a seeded shuffled order each repeat, over W3's items
   ``os.fdatasync`` is replaced for the run);
 * the same without ``fdatasync`` and without writing the results to the log
   (a second ablation: SPAN records then carry no results; such a run
-  directory could not give them back, so it is thrown away).
+  directory could not give them back, so it is thrown away);
+* as shipped but with a fresh buffer for every results message (a third
+  ablation: the engine's reuse of a worker's earlier message buffer is
+  turned off), which shows what that reuse saves.
 
 The ablations set private names of nbmplock for the run, not settings users
 have; a row is left out when those names are gone. Every run of every case is
@@ -66,6 +69,28 @@ def ablations_possible() -> bool:
     return hasattr(store, "os") and hasattr(store, "span_record")
 
 
+def buffer_ablation_possible() -> bool:
+    """Whether this nbmplock reuses results buffers (``_engine._spare_buffer``)."""
+    try:
+        import nbmplock._engine as engine
+    except ImportError:
+        return False
+    return hasattr(engine, "_spare_buffer")
+
+
+@contextlib.contextmanager
+def fresh_buffers():
+    """Run with a fresh buffer for every results message (no reuse)."""
+    import nbmplock._engine as engine
+
+    saved = engine._spare_buffer
+    engine._spare_buffer = lambda worker: None
+    try:
+        yield
+    finally:
+        engine._spare_buffer = saved
+
+
 @contextlib.contextmanager
 def ablated(no_sync: bool, no_results_written: bool):
     """Run with the run store's fdatasync and/or its writing of results taken out."""
@@ -94,11 +119,13 @@ def run_mpire(items, workers) -> list:
         return [keep_big(r) for r in pool.map_unordered(big_result, items)]
 
 
-def run_nbm(items, workers, no_sync=False, no_results_written=False) -> list:
+def run_nbm(items, workers, no_sync=False, no_results_written=False,
+            fresh=False) -> list:
     import nbmplock
 
     with tempfile.TemporaryDirectory(prefix="nbmplock-w3-") as out, \
-            ablated(no_sync, no_results_written):
+            ablated(no_sync, no_results_written), \
+            (fresh_buffers() if fresh else contextlib.nullcontext()):
         results = nbmplock.mp_lock_value(items, big_result_nbm, None, workers, out, verbose=False)
     return [keep_big(r) for r in results]
 
@@ -131,6 +158,9 @@ def anatomy(n_items: int, repeats: int, workers: int) -> str:
         cases["mp_lock_value, no fdatasync"] = lambda: run_nbm(items, workers, no_sync=True)
         cases["mp_lock_value, no fdatasync, results not written"] = \
             lambda: run_nbm(items, workers, no_sync=True, no_results_written=True)
+    if buffer_ablation_possible():
+        cases["mp_lock_value, a fresh buffer per results message"] = \
+            lambda: run_nbm(items, workers, fresh=True)
     samples: dict[str, list[dict]] = {name: [] for name in cases}
     for repeat in range(repeats):
         order = list(cases)

@@ -44,6 +44,7 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -125,6 +126,7 @@ class _Worker:
     ready: bool = False
     partial: bytes = b""
     tail: deque = field(default_factory=lambda: deque(maxlen=15))  # last output lines
+    rbufs: list = field(default_factory=list)  # recent results messages (see _spare_buffer)
 
     @property
     def label(self) -> str:
@@ -378,8 +380,10 @@ class LocalBackend(BackendBase):
                 data = worker.conn.recv_bytes()
                 msg = pickle.loads(data)
                 # A chunk's results follow its header as a message of their own.
-                blob = (_recv_blob(worker.conn.fileno(), msg[6])
-                        if msg[0] == "chunk" and msg[3] else None)
+                blob = None
+                if msg[0] == "chunk" and msg[3]:
+                    blob = _recv_blob(worker.conn.fileno(), msg[6], _spare_buffer(worker))
+                    worker.rbufs.append(blob)
                 self._handle(worker, msg, events, blob)
         except (EOFError, OSError):
             pass  # the sentinel reports the death
@@ -635,10 +639,47 @@ def _read_exact(fd: int, view: memoryview) -> None:
         pos += n
 
 
-def _recv_blob(fd: int, crc: int | None) -> Pickled:
+def _refs_at(buffers: list, i: int) -> int:
+    buf = buffers[i]
+    return sys.getrefcount(buf)
+
+
+#: What :func:`_refs_at` counts for a buffer that nothing but its list
+#: holds (measured, so that it is right for this interpreter's reference counting).
+_UNSHARED_REFS = _refs_at([Pickled()], 0)
+#: Buffers a worker keeps for its next results messages.
+_SPARE_BUFFERS = 2
+
+
+def _spare_buffer(worker: _Worker) -> Pickled | None:
+    """A buffer of the worker's earlier results messages that nothing else holds
+    any more, taken out of its spares, to read the next message into.
+
+    Results messages are megabytes each on W3; a fresh buffer per message is
+    fresh memory, zeroed and faulted in page by page (about a sixth of the
+    manager thread's time there), while the pages of a reused one are warm. The
+    manager uses a message's buffer only while it handles the chunk (it writes
+    the pickle to the log and unpickles it); whatever keeps it longer (a SPAN
+    kept in memory as its pickle, the event of a chunk not handled yet) holds
+    a reference, and such a buffer is let go: reuse is decided by the
+    reference count, never assumed. Two spares cover two messages read in one
+    go before their events are handled.
+    """
+    buffers = worker.rbufs
+    found = None
+    for i in range(len(buffers)):
+        if _refs_at(buffers, i) == _UNSHARED_REFS:
+            found = buffers.pop(i)
+            break
+    # the others are still held (or the oldest of enough): keep at most what reuse needs
+    del buffers[:max(0, len(buffers) - (_SPARE_BUFFERS - 1))]
+    return found
+
+
+def _recv_blob(fd: int, crc: int | None, spare: Pickled | None = None) -> Pickled:
     """One message of ``Connection.send_bytes`` read straight into a buffer of its
-    size; ``crc``, the CRC-32 its worker computed (if it did), goes with it (see
-    :class:`Pickled`).
+    size (``spare``, resized, when given: see :func:`_spare_buffer`); ``crc``, the
+    CRC-32 its worker computed (if it did), goes with it (see :class:`Pickled`).
 
     ``Connection.recv_bytes`` reads a big message piece by piece into a
     ``BytesIO`` and copies it out again: two copies more of every result byte,
@@ -653,7 +694,14 @@ def _recv_blob(fd: int, crc: int | None) -> Pickled:
         head = memoryview(bytearray(8))
         _read_exact(fd, head)
         size = _U64.unpack(head)[0]
-    buf = Pickled(size)
+    if spare is None:
+        buf = Pickled(size)
+    else:
+        buf = spare
+        if len(buf) > size:
+            del buf[size:]
+        elif len(buf) < size:
+            buf.extend(bytes(size - len(buf)))
     _read_exact(fd, memoryview(buf))
     buf.crc = crc
     return buf

@@ -301,8 +301,7 @@ class Runner:
                 timeout = min(timeout, due)
             if self._saver is not None and not self._saver.idle:
                 timeout = min(timeout, PUBLISH_INTERVAL)  # its progress
-            for event in backend.wait(timeout):
-                self._handle(event)
+            self._handle_all(backend.wait(timeout))
             self._publish()
 
     def _begin_stop(self, mode: StopMode) -> None:
@@ -413,6 +412,14 @@ class Runner:
             self._dirty = True
 
     # -- events ----------------------------------------------------------
+    def _handle_all(self, events: list) -> None:
+        """Handle ``events`` in order. (A function of its own, so that no event
+        outlives its handling in a variable of the loop: the local backend reads
+        a worker's next results into the buffer of its last ones once nothing
+        holds them, see ``_engine._spare_buffer``.)"""
+        for event in events:
+            self._handle(event)
+
     def _handle(self, event) -> None:
         if isinstance(event, ChunkDone):
             self._chunk_done(event)

@@ -318,6 +318,61 @@ def test_big_results_come_back_in_small_chunks_and_are_stored_whole(tmp_path):
     assert mp_lock_value(items, _crash("sigkill"), None, 2, out, verbose=False) == results
 
 
+def _varied(item, shared, init):
+    n = int(item[3:])
+    size = (64 + (n * 37) % 700) * 1024  # 64 to 763 KiB: messages grow and shrink
+    return (item.encode() + bytes([n % 251])) * (size // (len(item) + 1))
+
+
+@pytest.mark.timeout(60)
+def test_results_read_into_reused_buffers_stay_whole(tmp_path, monkeypatch):
+    # The manager reads a worker's next results message into the buffer of an
+    # earlier one once nothing else holds it (_engine._spare_buffer), resized to
+    # each message. Every result must come back, and be stored, as it was made,
+    # and the buffers must really be reused (a variable that keeps the last
+    # event alive would silently stop it).
+    from nbmplock import _engine
+    taken = []  # reused or not (not the buffers: holding them would stop the reuse)
+    real = _engine._spare_buffer
+
+    def spy(worker):
+        buf = real(worker)
+        taken.append(buf is not None)
+        return buf
+
+    monkeypatch.setattr(_engine, "_spare_buffer", spy)
+    items = [f"var{n:03d}" for n in range(150)]
+    out = str(tmp_path / "out")
+    results = mp_lock_value(items, _varied, None, 2, out, verbose=False)
+    expected = [_varied(i, None, None) for i in items]
+    assert results == expected
+    assert read_contents(out, results=True).results == dict(zip(items, expected))
+    assert sum(taken) >= len(taken) // 2, (sum(taken), len(taken))
+    del taken[:]
+    assert mp_lock_value(items, _crash("sigkill"), None, 2, out, verbose=False) == expected
+
+
+def test_a_results_buffer_is_reused_only_when_nothing_else_holds_it():
+    import types
+
+    from nbmplock._crc import Pickled
+    from nbmplock._engine import _spare_buffer
+    worker = types.SimpleNamespace(rbufs=[Pickled(b"a"), Pickled(b"b")])
+    held = worker.rbufs[0]  # say a chunk's event not handled yet
+    got = _spare_buffer(worker)
+    assert got is not held and bytes(got) == b"b"
+    assert worker.rbufs == [held]
+    assert _spare_buffer(worker) is None  # the one left is still held
+    worker.rbufs.append(got)  # the manager keeps each message's buffer as a spare
+    assert _spare_buffer(worker) is None  # "b" is held too, by `got`
+    assert worker.rbufs == [got]  # at most two spares: the oldest goes
+    del got
+    assert bytes(_spare_buffer(worker)) == b"b"  # nothing else holds it now
+    worker.rbufs = [held]
+    del held
+    assert bytes(_spare_buffer(worker)) == b"a"
+
+
 def test_no_fork_warning_from_worker_starts(tmp_path):
     # Python 3.12+ warns on fork() in a process with threads (the manager thread
     # forks the workers); nbmplock hides that warning for its own forks only.
