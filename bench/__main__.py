@@ -1,7 +1,7 @@
 """Command line: ``python -m bench [--quick] [--workers N] [--repeats N] [--only W1,W3,DASK] [--out DIR]``.
 
 Runs the workloads (W1-W6, INT) into ``results.md``, ``results.json`` and
-``chart.png``, then the studies (ANATOMY, W3ANATOMY, DASK, STORE), each into its own
+``chart.png``, then the studies (W1ANATOMY, ANATOMY, W3ANATOMY, DASK, STORE), each into its own
 Markdown file beside them.  Full mode writes to ``bench/results/``, the
 files the README quotes; ``--quick`` writes to ``bench/results/quick/`` so a
 quick check never overwrites them.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import dask_bench, store_choice, w2_anatomy, w3_anatomy
+from . import dask_bench, store_choice, w1_anatomy, w2_anatomy, w3_anatomy
 from .analysis import summarise
 from .cases import WORKLOADS, WORKLOADS_BY_KEY, Settings, WorkloadSpec
 from .harness import run_workload
@@ -42,6 +42,7 @@ class Study:
 
 
 STUDIES: tuple[Study, ...] = (
+    Study("W1ANATOMY", "where W1's time goes (nbmplock's phases vs Pool)", w1_anatomy.regenerate),
     Study("ANATOMY", "where W2's last percent goes (nbmplock vs Pool)", w2_anatomy.regenerate),
     Study("W3ANATOMY", "what W3's durable results cost (nbmplock vs mpire)", w3_anatomy.regenerate),
     Study("DASK", "nbmplock on Dask vs client.map", dask_bench.regenerate, dask_bench.distributed_problem),

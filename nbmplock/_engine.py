@@ -383,7 +383,8 @@ class LocalBackend(BackendBase):
                 blob = None
                 if msg[0] == "chunk" and msg[3]:
                     blob = _recv_blob(worker.conn.fileno(), msg[6], _spare_buffer(worker))
-                    worker.rbufs.append(blob)
+                    if len(blob) <= _SPARE_MAX_BYTES:
+                        worker.rbufs.append(blob)
                 self._handle(worker, msg, events, blob)
         except (EOFError, OSError):
             pass  # the sentinel reports the death
@@ -649,6 +650,10 @@ def _refs_at(buffers: list, i: int) -> int:
 _UNSHARED_REFS = _refs_at([Pickled()], 0)
 #: Buffers a worker keeps for its next results messages.
 _SPARE_BUFFERS = 2
+#: A bigger buffer is not kept: an item that returned 500 MB must not leave
+#: 500 MB held for the rest of the run (chunks are sized to about 1 MiB of
+#: results, so only such single big results are bigger).
+_SPARE_MAX_BYTES = 16 << 20
 
 
 def _spare_buffer(worker: _Worker) -> Pickled | None:

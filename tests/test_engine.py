@@ -352,6 +352,30 @@ def test_results_read_into_reused_buffers_stay_whole(tmp_path, monkeypatch):
     assert mp_lock_value(items, _crash("sigkill"), None, 2, out, verbose=False) == expected
 
 
+def _one_huge(item, shared, init):
+    return item.encode() * (20 * 2**20 // len(item)) if item == "h005" else item.encode() * 9000
+
+
+@pytest.mark.timeout(60)
+def test_the_buffer_of_a_huge_result_is_not_kept_for_the_rest_of_the_run(tmp_path, monkeypatch):
+    # One item returns 20 MiB: its message's buffer is let go once handled,
+    # not kept as a spare (and reused, resized) for the rest of the run.
+    from nbmplock import _engine
+    spares = []
+    real = _engine._spare_buffer
+
+    def spy(worker):
+        spares.append(max(map(len, worker.rbufs), default=0))  # what the worker kept
+        return real(worker)
+
+    monkeypatch.setattr(_engine, "_spare_buffer", spy)
+    items = [f"h{n:03d}" for n in range(40)]
+    out = str(tmp_path / "out")
+    results = mp_lock_value(items, _one_huge, None, 1, out, verbose=False)
+    assert results == [_one_huge(i, None, None) for i in items]
+    assert len(spares) > 5 and max(spares) < 20 * 2**20, spares  # never the huge one
+
+
 def test_a_results_buffer_is_reused_only_when_nothing_else_holds_it():
     import types
 
