@@ -127,6 +127,8 @@ class _Worker:
     partial: bytes = b""
     tail: deque = field(default_factory=lambda: deque(maxlen=15))  # last output lines
     rbufs: list = field(default_factory=list)  # recent results messages (see _spare_buffer)
+    inbox: _Inbox | None = None  # reads ``conn`` without waiting (see _Inbox)
+    awaiting: tuple | None = None  # a chunk's header whose results are not all read yet
 
     @property
     def label(self) -> str:
@@ -230,7 +232,9 @@ class LocalBackend(BackendBase):
         for end in (task_r, res_w, out_w):
             end.close()
         os.set_blocking(out_r.fileno(), False)
-        self._workers[index] = _Worker(index, proc, task_w, res_r, out_r, slot, room)
+        os.set_blocking(res_r.fileno(), False)
+        self._workers[index] = _Worker(index, proc, task_w, res_r, out_r, slot, room,
+                                       inbox=_Inbox(res_r.fileno()))
 
     def _accepts(self, w: _Worker) -> bool:
         return (w.ready and not w.sending and w.drain_until is None
@@ -375,16 +379,30 @@ class LocalBackend(BackendBase):
         return events
 
     def _read_messages(self, worker: _Worker, events: list) -> None:
+        """Handle every whole message the worker's pipe holds now; never waits
+        for the rest of one (see :class:`_Inbox`)."""
+        inbox = worker.inbox
         try:
-            while worker.conn.poll():
-                data = worker.conn.recv_bytes()
-                msg = pickle.loads(data)
-                # A chunk's results follow its header as a message of their own.
-                blob = None
-                if msg[0] == "chunk" and msg[3]:
-                    blob = _recv_blob(worker.conn.fileno(), msg[6], _spare_buffer(worker))
-                    if len(blob) <= _SPARE_MAX_BYTES:
-                        worker.rbufs.append(blob)
+            while True:
+                msg = worker.awaiting
+                if msg is None:
+                    data = inbox.message(bytearray)
+                    if data is None:
+                        return
+                    msg = pickle.loads(data)
+                    if msg[0] == "chunk" and msg[3]:
+                        # A chunk's results follow its header as a message of their own.
+                        worker.awaiting = msg
+                        continue
+                    self._handle(worker, msg, events, None)
+                    continue
+                blob = inbox.message(lambda size: _blob_buffer(worker, size))
+                if blob is None:
+                    return
+                worker.awaiting = None
+                blob.crc = msg[6]
+                if len(blob) <= _SPARE_MAX_BYTES:
+                    worker.rbufs.append(blob)
                 self._handle(worker, msg, events, blob)
         except (EOFError, OSError):
             pass  # the sentinel reports the death
@@ -630,16 +648,6 @@ def _reap(process, timeout: float) -> bool:
     return True
 
 
-def _read_exact(fd: int, view: memoryview) -> None:
-    """Fill ``view`` from ``fd`` (blocking), or raise ``EOFError`` at end of file."""
-    pos, size = 0, len(view)
-    while pos < size:
-        n = os.readv(fd, [view[pos:]])
-        if n == 0:
-            raise EOFError("end of file inside a message")
-        pos += n
-
-
 def _refs_at(buffers: list, i: int) -> int:
     buf = buffers[i]
     return sys.getrefcount(buf)
@@ -681,35 +689,84 @@ def _spare_buffer(worker: _Worker) -> Pickled | None:
     return found
 
 
-def _recv_blob(fd: int, crc: int | None, spare: Pickled | None = None) -> Pickled:
-    """One message of ``Connection.send_bytes`` read straight into a buffer of its
-    size (``spare``, resized, when given: see :func:`_spare_buffer`); ``crc``, the
-    CRC-32 its worker computed (if it did), goes with it (see :class:`Pickled`).
-
-    ``Connection.recv_bytes`` reads a big message piece by piece into a
-    ``BytesIO`` and copies it out again: two copies more of every result byte,
-    which on W3 (megabytes of results per chunk) was about a fifth of the
-    manager thread's time. The framing is ``multiprocess.connection``'s: a signed
-    32-bit big-endian length, or -1 and then an unsigned 64-bit one.
-    """
-    head = memoryview(bytearray(4))
-    _read_exact(fd, head)
-    size = _I32.unpack(head)[0]
-    if size == -1:
-        head = memoryview(bytearray(8))
-        _read_exact(fd, head)
-        size = _U64.unpack(head)[0]
-    if spare is None:
-        buf = Pickled(size)
-    else:
-        buf = spare
-        if len(buf) > size:
-            del buf[size:]
-        elif len(buf) < size:
-            buf.extend(bytes(size - len(buf)))
-    _read_exact(fd, memoryview(buf))
-    buf.crc = crc
+def _blob_buffer(worker: _Worker, size: int) -> Pickled:
+    """A buffer of ``size`` bytes for a results message: a spare one resized
+    (see :func:`_spare_buffer`), or a new one."""
+    buf = _spare_buffer(worker)
+    if buf is None:
+        return Pickled(size)
+    if len(buf) > size:
+        del buf[size:]
+    elif len(buf) < size:
+        buf.extend(bytes(size - len(buf)))
     return buf
+
+
+class _Inbox:
+    """A worker's results pipe, read without ever waiting: whole messages come
+    out; a message the pipe holds only part of is kept, and completed by later
+    reads.
+
+    Invariant: the pipe's read end is non-blocking, and :meth:`message` returns
+    (None) as soon as the pipe is empty; so a worker frozen halfway through a
+    message (SIGSTOP, a debugger, a cgroup freezer) cannot hold up the manager,
+    which keeps carrying out stops, timeouts and the other workers' messages,
+    and a Force stop's SIGKILL ends the frozen worker.
+
+    Each message is read straight into a buffer of its size (given by the
+    caller): ``Connection.recv_bytes`` reads a big one piece by piece into a
+    ``BytesIO`` and copies it out again, two copies more of every result byte
+    (on W3 about a fifth of the manager thread's time). The framing is
+    ``multiprocess.connection``'s: a signed 32-bit big-endian length, or -1 and
+    then an unsigned 64-bit one.
+    """
+
+    __slots__ = ("fd", "_head", "_body", "_view", "_pos")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._head = bytearray()  # the length prefix read so far
+        self._body = None  # the buffer of the message being read
+        self._view: memoryview | None = None
+        self._pos = 0
+
+    def message(self, buffer_for):
+        """The next whole message, in ``buffer_for(size)``; None when the pipe
+        has no more of it now. Raises ``EOFError`` at end of file."""
+        fd = self.fd
+        if self._body is None:
+            head = self._head
+            while True:
+                want = 4 if len(head) < 4 else (12 if head[:4] == b"\xff\xff\xff\xff" else 4)
+                if len(head) >= want:
+                    break
+                try:
+                    got = os.read(fd, want - len(head))
+                except BlockingIOError:
+                    return None
+                if not got:
+                    raise EOFError("end of file inside a message" if head else "end of file")
+                head += got
+            size = _U64.unpack_from(head, 4)[0] if want == 12 else _I32.unpack_from(head)[0]
+            self._head = bytearray()
+            self._body = buffer_for(size)
+            self._view = memoryview(self._body)
+            self._pos = 0
+        view, pos = self._view, self._pos
+        size = len(view)
+        while pos < size:
+            try:
+                n = os.readv(fd, [view[pos:]])
+            except BlockingIOError:
+                self._pos = pos
+                return None
+            if n == 0:
+                raise EOFError("end of file inside a message")
+            pos += n
+        body = self._body
+        self._body = self._view = None
+        view.release()  # so that the buffer can be resized when it is reused
+        return body
 
 
 _I32, _U64 = struct.Struct("!i"), struct.Struct("!Q")

@@ -424,3 +424,143 @@ def test_no_more_workers_than_units_of_work(tmp_path):
     job.start()
     assert job.wait(30)
     assert max(started) <= 3  # 3 batches of 2: at most 3 workers
+
+
+def _stop_between_header_and_results(flag: str):
+    """A worker's ``_send_chunk`` (patched before the fork) that, once, SIGSTOPs
+    its own process after sending a chunk's header and before its results."""
+    from nbmplock import _worker
+    real = _worker._send_chunk
+
+    def send(conn, chunk_id, n_run, results, failures, seconds):
+        if results and not os.path.exists(flag):
+            with open(flag, "w"):
+                pass
+            real_send_bytes = conn.send_bytes
+            sent = []
+
+            def send_bytes(data):
+                real_send_bytes(data)
+                sent.append(len(data))
+                if len(sent) == 1:  # the header is out; the results are not
+                    os.kill(os.getpid(), signal.SIGSTOP)
+
+            conn.send_bytes = send_bytes
+            try:
+                return real(conn, chunk_id, n_run, results, failures, seconds)
+            finally:
+                del conn.send_bytes
+        return real(conn, chunk_id, n_run, results, failures, seconds)
+    return send
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_stopped_inside_a_message_does_not_stop_the_run_from_ending(tmp_path,
+                                                                            monkeypatch):
+    # A worker frozen (SIGSTOP, a debugger, a cgroup freezer) after it sent a
+    # chunk's header and before its results: the manager must not sit in a read
+    # of that message, or Force stop (which the manager carries out) and every
+    # other wake-up would wait for it forever. The half-read message is held
+    # per worker; Force stop kills the frozen worker and the run ends.
+    from nbmplock import _worker
+    flag = str(tmp_path / "stopped")
+    monkeypatch.setattr(_worker, "_send_chunk", _stop_between_header_and_results(flag))
+    items = [f"s{n:03d}" for n in range(40)]
+    out = str(tmp_path / "out")
+    job = nbmplock.Job(items, _half_mib, out_path=out, num_procs=1, keep_results=True,
+                       start_method="fork")
+    job.start()
+    deadline = time.monotonic() + 30
+    stopped = None
+    while stopped is None and time.monotonic() < deadline:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if child.status() == psutil.STATUS_STOPPED:
+                    stopped = child
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.02)
+    assert stopped is not None, "the worker never stopped itself"
+    time.sleep(0.5)  # the manager has read the header by now
+    job.stop(force=True)
+    assert job.wait(20), "Force stop did not end the run: the manager is stuck"
+    assert not stopped.is_running() or stopped.status() == psutil.STATUS_ZOMBIE
+    monkeypatch.undo()
+    # nothing lost: a resume runs what was not recorded and returns every value
+    assert mp_lock_value(items, _half_mib, None, 1, out, verbose=False) == \
+        [_half_mib(i, None, None) for i in items]
+
+
+def test_the_inbox_reassembles_messages_cut_at_any_byte_and_never_waits():
+    # The manager's reader of a worker's pipe (_engine._Inbox): fed a byte
+    # stream in pieces cut at every position, it returns each whole message
+    # once complete, None (at once) while one is incomplete, and reads both
+    # length framings of multiprocess.connection (int32, or -1 then uint64).
+    import struct
+
+    from nbmplock._engine import _Inbox
+    messages = [b"a", b"", b"hello" * 1000, b"\x00\xff" * 33]
+    stream = b""
+    for i, m in enumerate(messages):
+        stream += (struct.pack("!i", -1) + struct.pack("!Q", len(m)) if i % 2
+                   else struct.pack("!i", len(m))) + m
+    for cut in list(range(0, 40)) + [len(stream) - 1, len(stream) // 2]:
+        r, w = os.pipe()
+        try:
+            os.set_blocking(r, False)
+            inbox = _Inbox(r)
+            got = []
+
+            def drain():
+                while True:
+                    m = inbox.message(bytearray)
+                    if m is None:
+                        return
+                    got.append(bytes(m))
+
+            os.write(w, stream[:cut])
+            drain()
+            os.write(w, stream[cut:])
+            drain()
+            assert got == messages, cut
+            os.close(w)
+            w = None
+            with pytest.raises(EOFError):
+                inbox.message(bytearray)
+        finally:
+            os.close(r)
+            if w is not None:
+                os.close(w)
+
+
+def _fail_f003(item, shared, init):
+    if item == "f003":
+        raise ValueError("f003 fails")
+    return item.upper()
+
+
+@pytest.mark.timeout(60)
+def test_a_fresh_run_records_its_list_and_run_before_any_span_or_failure(tmp_path):
+    # The log of a run into a fresh run directory reads LIST, RUN, then the
+    # chunks' FAIL and SPAN records and END; job.json names the list; a resume
+    # finds the list (no second LIST) and ends with a COMPLETE mark.
+    from nbmplock import _log as log_format
+    from nbmplock._fingerprint import keys_hash
+    from nbmplock._read import read_fingerprint
+
+    from .faults.test_torn_writes import records
+    items = [f"f{n:03d}" for n in range(300)]
+    out = tmp_path / "out"
+    results = mp_lock_value(items, _fail_f003, None, 2, str(out), verbose=False,
+                            errors="record")
+    assert results == [None if i == "f003" else i.upper() for i in items]
+    kinds = [k for _, _, k in records(out)]
+    assert kinds[:2] == [log_format._LIST, log_format._RUN], kinds
+    assert log_format._FAIL in kinds and kinds[-1] == log_format._END, kinds
+    assert set(kinds[2:-1]) == {log_format._SPAN, log_format._FAIL}, kinds
+    assert read_fingerprint(str(out)).items_hash == keys_hash(items)
+    again = mp_lock_value(items, lambda item, s, i: item.upper(), None, 2, str(out),
+                          verbose=False)
+    assert again == [i.upper() for i in items]
+    kinds = [k for _, _, k in records(out)]
+    assert kinds.count(log_format._LIST) == 1 and kinds[-1] == log_format._COMPLETE, kinds
