@@ -253,3 +253,27 @@ def test_the_fingerprint_hashes_keys_not_reprs(tmp_path):
     with open(os.path.join(out, ".nbmplock", "job.json"), encoding="utf-8") as f:
         fp = json.load(f)
     assert fp["items_hash"] == nbmplock._fingerprint.keys_hash(["a"])
+
+
+def test_a_long_list_hashes_as_it_always_did_with_its_slices_hashed_in_a_thread():
+    # encode_keys hashes the slices of a long list in a helper thread while it
+    # encodes the next ones (_fingerprint._Hasher): the hash must stay exactly
+    # the one a run directory written before holds (items_hash, serial), for
+    # str and bytes keys, and no helper thread may outlive the call.
+    import hashlib
+    import threading
+    from array import array
+
+    from nbmplock._fingerprint import _SLICE, encode_keys, items_hash
+    for n in (_SLICE - 1, _SLICE + 1, 3 * _SLICE + 7):
+        items = [f"k{i}\u00e9{'x' * (i % 13)}" for i in range(n)]
+        assert encode_keys(items, all_str=True)[0] == items_hash(items)
+        raw = [s.encode() for s in items]
+        h = hashlib.blake2b(digest_size=16)
+        h.update(b"bytes:%d" % n)
+        for start in range(0, n, _SLICE):
+            part = raw[start:start + _SLICE]
+            h.update(array("Q", map(len, part)).tobytes())
+            h.update(b"".join(part))
+        assert encode_keys(raw)[0] == h.hexdigest()
+    assert not [t for t in threading.enumerate() if t.name.startswith("nbmplock-hash")]
