@@ -51,7 +51,9 @@ def results(job: Any, *, by_key: bool = False) -> list | dict:
     keys = job.spec.keys
     if by_key:
         return {k: v for k, v in zip(keys, values) if v is not _MISSING}
-    n_missing = values.count(_MISSING)
+    # by identity: values.count() would call each result's __eq__ (a numpy
+    # array's answers with an array, whose truth value raises)
+    n_missing = sum(1 for v in values if v is _MISSING)
     if n_missing:
         failed = {f.key for f in job.failures}
         unexplained = sum(1 for k, v in zip(keys, values) if v is _MISSING and k not in failed)

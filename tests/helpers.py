@@ -48,6 +48,11 @@ def length(item, shared_data, init_values):
     return len(item)
 
 
+def frame_of(item, shared_data, init_values):
+    import pandas as pd
+    return pd.DataFrame({"a": [item, item]})
+
+
 def echo(item, shared_data, init_values):
     return item
 

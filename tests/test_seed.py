@@ -97,6 +97,34 @@ def test_mp_lock_value_order_and_resume_returns_earlier_results(tmp_path):
     assert sorted(calls) == sorted(ITEMS[100:])  # only the new items ran
 
 
+def _array_unless_seven(x, shared_data, init_values):
+    import numpy as np
+    if x % 10 == 7:
+        raise ValueError("no sevens")
+    return np.arange(3) + x
+
+
+def test_results_that_are_arrays_or_frames_come_back_whole(tmp_path):
+    """A numpy array (or DataFrame) answers == with an array, whose truth value
+    raises: the results are assembled and checked by identity, never by ==."""
+    np = pytest.importorskip("numpy")
+    pd = pytest.importorskip("pandas")
+    out = str(tmp_path / "arrays")
+    got = mp_lock_value(list(range(40)), _array_unless_seven, None, 2, out, verbose=False,
+                        errors="record")  # the sevens fail: their results are None
+    assert len(got) == 40
+    for x, value in enumerate(got):
+        assert value is None if x % 10 == 7 else (value == np.arange(3) + x).all()
+    job = nbmplock.Job(list(range(40)), _array_unless_seven, out)
+    assert set(job.results(by_key=True)) == {b"i%d" % x for x in range(40) if x % 10 != 7}
+    assert len(dict(job.iter_results())) == 36
+    assert len(job.to_pandas()) == 40
+    frames = mp_lock_value([1, 2, 3], helpers.frame_of, None, 2, str(tmp_path / "frames"),
+                           verbose=False)
+    assert [f["a"].tolist() for f in frames] == [[1, 1], [2, 2], [3, 3]]
+    assert isinstance(frames[0], pd.DataFrame)
+
+
 def test_mp_lock_batch(tmp_path):
     saver = Saver()
     summary = mp_lock_batch(ITEMS, helpers.batch_upper, saver, 2, str(tmp_path), 7,
