@@ -72,6 +72,9 @@ def results_for(c: Contents, keys: Sequence, list_hash: str) -> list:
             if not span.has_values:
                 continue
             values = span.values()
+            if len(r) == 2 and len(values) == r[1] - r[0]:  # no slice copied
+                out[r[0]:r[1]] = values
+                continue
             at = 0
             for j in range(0, len(r), 2):
                 a, b = r[j], r[j + 1]

@@ -141,7 +141,9 @@ def compute_keys(items: Sequence, key: Callable | str | None) -> list[Key]:
     """The key of every item, in order; raises :class:`InvalidArgumentsError` naming
     the first item without one (two items with one key: :func:`check_same`)."""
     if key is None:
-        types = set(map(type, items))
+        # all str (the common case): counted without building a set of types
+        types = ({str} if operator.countOf(map(type, items), str) == len(items)
+                 else set(map(type, items)))
         if types == {str}:
             keys: list = items  # their own keys (the caller's list, not copied again)
         elif types == {int}:

@@ -155,7 +155,7 @@ def is_complete(out_path: str, items: ItemList) -> bool:
     if not os.path.isdir(state_dir(out_path)):
         return False
     complete = read_complete(out_path)
-    if complete is not None and complete[0] == items.hash:
+    if complete is not None and items.known_as(complete[0]):
         return True
     plan = make_plan(read_contents(out_path), items)
     return plan.done_before == plan.total
@@ -165,7 +165,7 @@ def stored_state(out_path: str, items: ItemList) -> tuple[int, int, tuple[Failur
     """``(total, done, failures)`` of ``items`` in ``out_path``, without taking its lock:
     what a Job shows before it starts (after a kernel restart, say)."""
     complete = read_complete(out_path)
-    if complete is not None and complete[0] == items.hash:
+    if complete is not None and items.known_as(complete[0]):
         return complete[2], complete[2], ()
     if not os.path.isdir(state_dir(out_path)):
         return items.distinct, 0, ()

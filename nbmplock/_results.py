@@ -35,6 +35,7 @@ def _contents(job: Any) -> Contents:
 
 def _values(job: Any, contents: Contents) -> list:
     items = job.spec.item_list
+    items.recognize(contents)
     values = results_for(contents, items.keys, items.hash)
     for i, first in items.repeats.items():
         values[i] = values[first]
@@ -115,6 +116,7 @@ def to_pandas(job: Any):
     pd = require("pandas")
     contents = _contents(job) if job.spec.options.keep_results else read_contents(job.out_path)
     items = job.spec.item_list
+    items.recognize(contents)
     values = _values(job, contents) if job.spec.options.keep_results else None
     done = done_mask(contents, items.keys, items.hash)
     for i, first in items.repeats.items():

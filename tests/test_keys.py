@@ -120,6 +120,31 @@ def test_equal_items_run_once_and_every_position_gets_its_value(tmp_path):
     assert len(ledger(log)) == 4
 
 
+def test_repeats_are_found_in_sorted_and_unsorted_lists_alike(tmp_path):
+    """A strictly increasing or decreasing list has no repeats without a set;
+    anything else (equal neighbours, a late step back, str beside bytes keys)
+    goes through the set."""
+    from nbmplock._plan import ItemList, strictly_monotonic
+
+    def repeats(items):
+        return ItemList.of(items, compute_keys(items, None)).repeats
+
+    up = [f"k{i:05d}" for i in range(1000)]
+    assert strictly_monotonic(up) and strictly_monotonic(up[::-1])
+    assert strictly_monotonic([]) and strictly_monotonic(["a"])
+    assert repeats(up) == {} and repeats(up[::-1]) == {}
+    assert not strictly_monotonic(["a", "a"]) and repeats(["a", "a"]) == {1: 0}
+    late = up + [up[500]]  # increasing but for its last step
+    assert not strictly_monotonic(late) and repeats(late) == {1000: 500}
+    flat = up[:10] + [up[9]] + up[10:]  # equal neighbours in the middle
+    assert repeats(flat) == {10: 9}
+    assert repeats(up[::-1] + [up[0]]) == {1000: 999}
+    mixed = ["a", 1, "b", 1]  # str and bytes keys: cannot be compared
+    assert not strictly_monotonic(compute_keys(mixed, None)) and repeats(mixed) == {3: 1}
+    values = mp_lock_value(late, helpers.echo, None, 2, str(tmp_path / "run"), verbose=False)
+    assert values == late
+
+
 def test_one_shot_iterables_are_read_once(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -255,25 +280,108 @@ def test_the_fingerprint_hashes_keys_not_reprs(tmp_path):
     assert fp["items_hash"] == nbmplock._fingerprint.keys_hash(["a"])
 
 
-def test_a_long_list_hashes_as_it_always_did_with_its_slices_hashed_in_a_thread():
+def test_a_long_list_hashes_alike_with_its_slices_hashed_in_a_thread():
     # encode_keys hashes the slices of a long list in a helper thread while it
-    # encodes the next ones (_fingerprint._Hasher): the hash must stay exactly
-    # the one a run directory written before holds (items_hash, serial), for
-    # str and bytes keys, and no helper thread may outlive the call.
+    # encodes the next ones (_fingerprint._Hasher): the hash must be exactly
+    # the serial one (the NUL-joined text's; with legacy=True the one a run
+    # directory of an earlier release holds, items_hash), for str and bytes
+    # keys; the payload decodes to the keys; no helper thread outlives the call.
     import hashlib
     import threading
     from array import array
 
-    from nbmplock._fingerprint import _SLICE, encode_keys, items_hash
-    for n in (_SLICE - 1, _SLICE + 1, 3 * _SLICE + 7):
+    from nbmplock._fingerprint import JOINED, _SLICE, decode_keys, encode_keys, items_hash
+    for n in (1, _SLICE - 1, _SLICE + 1, 3 * _SLICE + 7):
         items = [f"k{i}\u00e9{'x' * (i % 13)}" for i in range(n)]
-        assert encode_keys(items, all_str=True)[0] == items_hash(items)
-        raw = [s.encode() for s in items]
+        items[n // 2] = ""  # an empty key, and a lone surrogate
+        items[-1] = "\ud800"
+        joined = hashlib.blake2b(b"nul-joined:%d:" % n, digest_size=16)
+        joined.update("\0".join(items).encode("utf-8", "surrogatepass"))
+        list_hash, payload = encode_keys(items, all_str=True)
+        assert list_hash == JOINED + joined.hexdigest()[:31] and len(list_hash) == 32
+        assert decode_keys(b"".join(payload)) == items
+        legacy_hash, legacy_payload = encode_keys(items, all_str=True, legacy=True)
+        assert legacy_hash == items_hash(items)
+        assert decode_keys(b"".join(legacy_payload)) == items
+        raw = [s.encode("utf-8", "surrogatepass") for s in items]
         h = hashlib.blake2b(digest_size=16)
         h.update(b"bytes:%d" % n)
         for start in range(0, n, _SLICE):
             part = raw[start:start + _SLICE]
             h.update(array("Q", map(len, part)).tobytes())
             h.update(b"".join(part))
-        assert encode_keys(raw)[0] == h.hexdigest()
+        assert encode_keys(raw, legacy=True)[0] == h.hexdigest()
+        joined = hashlib.blake2b(b"nul-joined-bytes:%d:" % n, digest_size=16)
+        joined.update(b"\0".join(raw))
+        list_hash, payload = encode_keys(raw)
+        assert list_hash == JOINED + joined.hexdigest()[:31]
+        assert decode_keys(b"".join(payload)) == raw
+    # a key holding a NUL (in the last slice): the older encoding, whole
+    with_nul = [f"k{i}" for i in range(_SLICE + 5)] + ["a\0b"]
+    assert encode_keys(with_nul, all_str=True)[0] == items_hash(with_nul)
+    assert decode_keys(b"".join(encode_keys(with_nul, all_str=True)[1])) == with_nul
+    raw_nul = [b"i%d" % i for i in range(_SLICE + 5)] + [b"f\0\0"]
+    assert not encode_keys(raw_nul)[0].startswith(JOINED)
+    assert decode_keys(b"".join(encode_keys(raw_nul)[1])) == raw_nul
     assert not [t for t in threading.enumerate() if t.name.startswith("nbmplock-hash")]
+
+
+def test_a_directory_of_the_older_list_hash_resumes_under_it(tmp_path, monkeypatch, caplog):
+    """A run directory written before the NUL-joined encoding knows a str list by
+    the older hash: a resume finds what it did (no "item list changed"), adds its
+    records under that hash, and a finished one is seen complete at once."""
+    import nbmplock._fingerprint as fingerprint
+    from nbmplock._read import read_complete, read_contents, read_fingerprint
+
+    items = [f"row-{i:04d}" for i in range(300)]
+    older = fingerprint.encode_keys(items, all_str=True, legacy=True)[0]
+    out, log = str(tmp_path / "run"), str(tmp_path / "ledger")
+    with monkeypatch.context() as m:  # the earlier release: every str list hashed the old way
+        m.setattr(fingerprint, "_encode_joined", lambda *args: None)
+        first = mp_lock_value(items[:120], upper_logged, None, 2, out, verbose=False,
+                              shared_data={"ledger": log})
+        half, other = str(tmp_path / "half"), str(tmp_path / "other")
+        Path(tmp_path / "fail").touch()  # items from 150 on fail while it is there
+        mp_lock_value(items, upper_logged, None, 2, half, verbose=False, errors="record",
+                      shared_data={"ledger": other, "fail": str(tmp_path / "fail")})
+        os.remove(tmp_path / "fail")
+    assert first == [i.upper() for i in items[:120]]
+    # a longer list on a directory of its first 120 (the list changed: key matching)
+    caplog.set_level("WARNING", logger="nbmplock")
+    assert mp_lock_value(items, upper_logged, None, 2, out, verbose=False,
+                         shared_data={"ledger": log}) == [i.upper() for i in items]
+    assert sorted(ledger(log)) == items  # each ran once
+    # the same list as the older release's run: its hash is kept, nothing is re-run
+    caplog.clear()
+    shared = {"ledger": other, "fail": str(tmp_path / "fail")}
+    job = Job(items, upper_logged, half, shared_data=shared)
+    assert job.progress.done == 150 and read_fingerprint(half).items_hash == older
+    job.start()
+    helpers.wait_job(job)
+    assert job.results() == [i.upper() for i in items]
+    assert sorted(ledger(other)) == items  # the 150 that failed ran again; no other
+    assert not [r for r in caplog.records if "item list" in r.getMessage()]
+    contents = read_contents(half)
+    assert set(contents.lists) == {older} and {s.list_hash for s in contents.spans} == {older}
+    assert read_complete(half)[0] == older
+    assert nbmplock.is_mp_lock_completed(items, half)
+    again = Job(items, upper_logged, half, shared_data=shared)
+    assert again.progress.done == 300 and again.results() == [i.upper() for i in items]
+    # int items (bytes keys) likewise
+    ints, at = list(range(200)), str(tmp_path / "ints")
+    with monkeypatch.context() as m:
+        m.setattr(fingerprint, "_encode_joined", lambda *args: None)
+        mp_lock_value(ints, helpers.echo, None, 2, at, verbose=False)
+    summary = mp_lock(ints, helpers.echo, None, 2, at, verbose=False)
+    assert summary.done == 0 and summary.skipped == 200
+    assert read_fingerprint(at).items_hash == fingerprint.encode_keys(
+        compute_keys(ints, None), legacy=True)[0]
+    assert not [r for r in caplog.records if "item list" in r.getMessage()]
+
+
+def upper_logged(item, shared_data, init_values):
+    if int(item[4:]) >= 150 and os.path.exists(shared_data.get("fail", "")):
+        raise ValueError("not yet")
+    with open(shared_data["ledger"], "a", encoding="utf-8") as f:
+        f.write(item + "\n")
+    return item.upper()
