@@ -45,6 +45,7 @@ from .workloads import (
     INT_NUMBER_TASK,
     NUMBER_TASK,
     RECORD_NUMBER_TASK,
+    SHUFFLED_NUMBER_TASK,
     Sizes,
     Task,
     busy_items,
@@ -52,6 +53,7 @@ from .workloads import (
     label_items,
     loops_for_ms,
     record_items,
+    shuffled_label_items,
     skewed_items,
 )
 
@@ -309,7 +311,13 @@ KEYED_VARIANTS: tuple[tuple[Task, Callable[[int], list]], ...] = (
 W1_KEYED: dict[str, Runner] = {
     INT_NUMBER_TASK.label: nbm.MP_LOCK_VALUE_INT,
     RECORD_NUMBER_TASK.label: nbm.MP_LOCK_VALUE_RECORD,
+    SHUFFLED_NUMBER_TASK.label: nbm.MP_LOCK_VALUE_SHUFFLED,
 }
+#: W1 again with W1's str items shuffled: the list's order no longer shows that it
+#: has no repeats (nbmplock then finds them with a set of the keys).
+W1_ONLY_VARIANTS: tuple[tuple[Task, Callable[[int], list]], ...] = (
+    (SHUFFLED_NUMBER_TASK, shuffled_label_items),
+)
 RESUME_LIBRARIES: dict[str, tuple[Runner, ...]] = {
     NUMBER_TASK.label: (nbm.MP_LOCK, nbm.MP_LOCK_VALUE),
     INT_NUMBER_TASK.label: (nbm.MP_LOCK_INT, nbm.MP_LOCK_VALUE_INT),
@@ -325,7 +333,7 @@ def build_w1(s: Settings) -> list[Case]:
     """W1 overhead: trivial work on many items (and the same with int and dict items)."""
     n = s.sizes.overhead_items
     cases = _map_cases("W1", ItemSet(n, label_items, NUMBER_TASK), s)
-    for task, build in KEYED_VARIANTS:
+    for task, build in (*KEYED_VARIANTS, *W1_ONLY_VARIANTS):
         cases.append(MapCase("W1", W1_KEYED[task.label], ItemSet(n, build, task), s.workers, s.scratch_root))
     return cases
 
@@ -436,7 +444,8 @@ class WorkloadSpec:
 WORKLOADS: tuple[WorkloadSpec, ...] = (
     WorkloadSpec("W1", "overhead", "items/s", True, build_w1, score_throughput,
                  "trivial work (the number in the item's label); items per second, higher is "
-                 "better; also with int items and with dict items + `key=`"),
+                 "better; also with int items, with dict items + `key=`, and with the str "
+                 "items shuffled (their order no longer shows they have no repeats)"),
     WorkloadSpec("W2", "CPU scaling", "speedup", True, build_w2, score_speedup,
                  "~10 ms of pure-Python work per item; speedup over the serial loop "
                  "of the same repeat, ideal = workers"),

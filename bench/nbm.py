@@ -30,7 +30,8 @@ from typing import Optional, Sequence
 
 from .delivery import Receiver
 from .records import Counted, OneOff, Outcome, Runner
-from .workloads import INT_NUMBER_TASK, NUMBER_TASK, RECORD_NUMBER_TASK, Task
+from .workloads import (INT_NUMBER_TASK, NUMBER_TASK, RECORD_NUMBER_TASK, SHUFFLED_NUMBER_TASK,
+                        Task)
 
 #: How a row reads when the installed nbmplock refuses its items.
 NOT_SUPPORTED = "not supported by this nbmplock version"
@@ -184,6 +185,7 @@ JOB_PANEL = Runner("nbmplock Job + headless Panel", run_job_panel, role="nbmploc
                    note="keep_results=False: no results back, like the bare mp_lock row")
 
 MP_LOCK_VALUE_INT = _variant(MP_LOCK_VALUE, INT_NUMBER_TASK)
+MP_LOCK_VALUE_SHUFFLED = _variant(MP_LOCK_VALUE, SHUFFLED_NUMBER_TASK)
 MP_LOCK_VALUE_RECORD = _variant(MP_LOCK_VALUE, RECORD_NUMBER_TASK)
 MP_LOCK_INT = _variant(MP_LOCK, INT_NUMBER_TASK)
 MP_LOCK_RECORD = _variant(MP_LOCK, RECORD_NUMBER_TASK)

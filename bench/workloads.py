@@ -17,6 +17,7 @@ itself, so no worker depends on state set up in the parent.
 from __future__ import annotations
 
 import functools
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional
@@ -36,6 +37,14 @@ SPIN_MODULUS = 1_000_003
 def label_items(n: int) -> list[str]:
     """``n`` short distinct string items ``item-00000042`` (W1, W3, W5, W6)."""
     return [f"item-{i:08d}" for i in range(n)]
+
+
+def shuffled_label_items(n: int) -> list[str]:
+    """:func:`label_items` in a shuffled order (seeded): a list nbmplock cannot
+    see to be free of repeats by its order (W1 variant)."""
+    items = label_items(n)
+    random.Random(20261206).shuffle(items)
+    return items
 
 
 def int_items(n: int) -> list[int]:
@@ -182,6 +191,7 @@ class Task:
 
 NUMBER_TASK = Task(item_number, item_number_nbm, item_number)
 INT_NUMBER_TASK = Task(int_number, int_number_nbm, int_number, label="int items")
+SHUFFLED_NUMBER_TASK = Task(item_number, item_number_nbm, item_number, label="shuffled str items")
 RECORD_NUMBER_TASK = Task(record_number, record_number_nbm, record_number, key=record_key,
                           label="dict items + key=")
 BUSY_TASK = Task(busy_item, busy_item_nbm, expect_busy)
