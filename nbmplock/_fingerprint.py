@@ -20,6 +20,7 @@ import functools
 import hashlib
 import inspect
 import marshal
+import operator
 import pickle
 import types
 from array import array
@@ -260,6 +261,18 @@ class _Hasher:
             fed.result()  # raises the helper's error, if any
 
 
+def value_types(values) -> set:
+    """The set of the types of ``values`` (a list). One type for all
+    (the usual list) is counted in C without building a set: 3 ms against 5-6 ms
+    on 200,000 values."""
+    if not len(values):
+        return set()
+    first = type(values[0])
+    if operator.countOf(map(type, values), first) == len(values):
+        return {first}
+    return set(map(type, values))
+
+
 #: The first character of a list hash made by :func:`encode_keys` from NUL-joined
 #: ``str`` keys; hashes of earlier releases are hexadecimal (never ``z``).
 JOINED = "z"
@@ -284,7 +297,7 @@ def encode_keys(keys, all_str: bool = False, keep: bool = True,
     ``all_str``: the caller knows every key is a ``str``.
     ``keep=False``: the hash alone (the payload is ``None``; memory stays flat).
     """
-    types = {str} if all_str else set(map(type, keys))
+    types = {str} if all_str else value_types(keys)
     if (types <= {str} or types == {bytes}) and not legacy:
         joined = _encode_joined(keys, keep, types <= {str})
         if joined is not None:

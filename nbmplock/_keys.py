@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._errors import InvalidArgumentsError
+from ._fingerprint import value_types
 from ._text import clip, short_repr
 
 Key = str | bytes
@@ -141,9 +142,7 @@ def compute_keys(items: Sequence, key: Callable | str | None) -> list[Key]:
     """The key of every item, in order; raises :class:`InvalidArgumentsError` naming
     the first item without one (two items with one key: :func:`check_same`)."""
     if key is None:
-        # all str (the common case): counted without building a set of types
-        types = ({str} if operator.countOf(map(type, items), str) == len(items)
-                 else set(map(type, items)))
+        types = value_types(items)
         if types == {str}:
             keys: list = items  # their own keys (the caller's list, not copied again)
         elif types == {int}:

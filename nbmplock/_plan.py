@@ -88,7 +88,7 @@ class ItemList:
     def _find_repeats(self) -> dict:
         repeats: dict = {}
         keys = self.keys
-        if not strictly_monotonic(keys) and len(set(keys)) != len(keys):
+        if not self._distinct_by_order() and len(set(keys)) != len(keys):
             first: dict = {}
             for i, k in enumerate(keys):
                 j = first.setdefault(k, i)
@@ -97,6 +97,17 @@ class ItemList:
                     repeats[i] = j
         self._repeats = repeats
         return repeats
+
+    def _distinct_by_order(self) -> bool:
+        """Whether the order of the list shows that its keys are distinct (see
+        :func:`strictly_monotonic`): the keys', or for plain int items (keyed
+        ``b"i<n>"``, one key per int, which do not sort as the numbers do) the ints'."""
+        keys, items = self.keys, self.items
+        if strictly_monotonic(keys):
+            return True
+        return (keys is not items and type(keys[0]) is bytes and type(items[0]) is int
+                and operator.countOf(map(type, items), int) == len(items)
+                and strictly_monotonic(items))
 
     @property
     def repeats(self) -> dict:

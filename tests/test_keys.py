@@ -143,6 +143,14 @@ def test_repeats_are_found_in_sorted_and_unsorted_lists_alike(tmp_path):
     assert not strictly_monotonic(compute_keys(mixed, None)) and repeats(mixed) == {3: 1}
     values = mp_lock_value(late, helpers.echo, None, 2, str(tmp_path / "run"), verbose=False)
     assert values == late
+    # int items: their keys (b"i<n>") do not sort as the ints do; the ints' order counts
+    assert repeats(list(range(1000))) == {} and repeats(list(range(1000, 0, -1))) == {}
+    assert repeats(list(range(100)) + [5]) == {100: 5}
+    assert repeats([1, 2, True, 1]) == {3: 0}  # a bool is not an int item
+    assert repeats([3, 1, 2, 3]) == {3: 0}
+    by_key = [f"k{i:03d}" for i in range(10)]  # ints in order, keys that repeat: refused
+    with pytest.raises(InvalidArgumentsError, match="the same key"):
+        ItemList.of(list(range(10)), [by_key[i % 5] for i in range(10)])
 
 
 def test_one_shot_iterables_are_read_once(tmp_path):
