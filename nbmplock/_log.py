@@ -6,7 +6,10 @@ payload) and a payload:
 
 ``LIST``
     An item list's keys, once per list: its hash (32 ASCII bytes) and the
-    pickled list of keys. Spans refer to it.
+    keys' encoding (:func:`nbmplock._fingerprint.encode_keys`: ``str`` or
+    ``bytes`` keys joined by NULs, or, written by earlier releases or for
+    keys holding a NUL, their lengths and text; keys of mixed types
+    pickled). Spans refer to it.
 ``RUN``
     A run began: its fingerprint (JSON: what it ran, with a short id). The
     records after it are that run's.
