@@ -45,7 +45,7 @@ PHASES = (
     ("copy the list, compute its keys", "nbmplock._validate", None, "check_items"),
     ("copy the list, compute its keys", "nbmplock._validate", None, "compute_keys"),
     ("hash the list for the log", "nbmplock._plan", None, "encode_keys"),
-    ("find repeated items (a set of the keys)", "nbmplock._plan", "ItemList", "_find_repeats"),
+    ("find repeated items (the keys' order, else a set)", "nbmplock._plan", "ItemList", "_find_repeats"),
     ("write the list's keys to the log", "nbmplock._store", "RunStore", "record_list"),
     ("start the workers (fork)", "nbmplock._engine", "LocalBackend", "start"),
     ("end the run (workers ended, log committed)", "nbmplock._runner", "Runner", "_finish"),
