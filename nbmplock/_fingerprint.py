@@ -273,8 +273,8 @@ def value_types(values) -> set:
     return set(map(type, values))
 
 
-#: The first character of a list hash made by :func:`encode_keys` from NUL-joined
-#: ``str`` keys; hashes of earlier releases are hexadecimal (never ``z``).
+#: The first character of a list hash made by :func:`encode_keys` from keys joined
+#: by NULs; the other hashes (and those of earlier releases) are hexadecimal.
 JOINED = "z"
 
 
@@ -364,9 +364,12 @@ def decode_keys(payload) -> list:
     if bytes(data[:1]) == b"P":
         return pickle.loads(data[1:])
     if bytes(data[:1]) in (b"Z", b"Y"):
+        n = int.from_bytes(data[1:9], "little")
+        if not n:
+            return []
         keys = (str(data[9:], "utf-8", "surrogatepass").split("\0") if bytes(data[:1]) == b"Z"
                 else bytes(data[9:]).split(b"\0"))
-        if len(keys) != int.from_bytes(data[1:9], "little"):
+        if len(keys) != n:
             raise ValueError("a LIST record's key count does not match its keys")
         return keys
     text_keys = bytes(data[:1]) == b"S"

@@ -324,6 +324,8 @@ def test_a_long_list_hashes_alike_with_its_slices_hashed_in_a_thread():
         list_hash, payload = encode_keys(raw)
         assert list_hash == JOINED + joined.hexdigest()[:31]
         assert decode_keys(b"".join(payload)) == raw
+    for empty in ([], [""], [b""]):  # no key, or one empty key
+        assert decode_keys(b"".join(encode_keys(empty)[1])) == empty
     # a key holding a NUL (in the last slice): the older encoding, whole
     with_nul = [f"k{i}" for i in range(_SLICE + 5)] + ["a\0b"]
     assert encode_keys(with_nul, all_str=True)[0] == items_hash(with_nul)
