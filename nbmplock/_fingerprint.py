@@ -191,25 +191,6 @@ def work_fingerprint(process: Callable, init_function: Callable | None, shared_d
                        batch_size, run)
 
 
-def items_hash(items) -> str:
-    """A stable hash of a list of ``str``, injective: the lengths are hashed too.
-
-    Computed in slices, so memory stays flat for long lists.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(len(items)).encode())
-    for start in range(0, len(items), 100_000):
-        part = items[start:start + 100_000]
-        h.update(array("Q", map(len, part)).tobytes())
-        h.update("".join(part).encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
-
-
-def keys_hash(keys) -> str:
-    """The hash of an item list, from its keys (see :func:`encode_keys`)."""
-    return encode_keys(keys)[0]
-
-
 _SLICE = 100_000
 
 
@@ -291,7 +272,7 @@ def encode_keys(keys, all_str: bool = False, keep: bool = True,
     encoding below). ``bytes`` keys (those of ints and other plain values)
     likewise, under a hash of their own. ``legacy=True``, or a key holding a
     NUL: the encoding of earlier releases, each slice's lengths and its text
-    (or bytes); for ``str`` keys under the hash :func:`items_hash` always gave
+    (or bytes); for ``str`` keys under the hash earlier releases gave them
     (a run directory written before keeps its hash:
     :meth:`nbmplock._plan.ItemList.known_as`). Keys of mixed types are pickled.
     ``all_str``: the caller knows every key is a ``str``.

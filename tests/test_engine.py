@@ -545,7 +545,7 @@ def test_a_fresh_run_records_its_list_and_run_before_any_span_or_failure(tmp_pat
     # chunks' FAIL and SPAN records and END; job.json names the list; a resume
     # finds the list (no second LIST) and ends with a COMPLETE mark.
     from nbmplock import _log as log_format
-    from nbmplock._fingerprint import keys_hash
+    from nbmplock._fingerprint import encode_keys
     from nbmplock._read import read_fingerprint
 
     from .faults.test_torn_writes import records
@@ -558,7 +558,7 @@ def test_a_fresh_run_records_its_list_and_run_before_any_span_or_failure(tmp_pat
     assert kinds[:2] == [log_format._LIST, log_format._RUN], kinds
     assert log_format._FAIL in kinds and kinds[-1] == log_format._END, kinds
     assert set(kinds[2:-1]) == {log_format._SPAN, log_format._FAIL}, kinds
-    assert read_fingerprint(str(out)).items_hash == keys_hash(items)
+    assert read_fingerprint(str(out)).items_hash == encode_keys(items)[0]
     again = mp_lock_value(items, lambda item, s, i: item.upper(), None, 2, str(out),
                           verbose=False)
     assert again == [i.upper() for i in items]
